@@ -1,0 +1,38 @@
+"""Sessions: `tests` (the fast suite CI runs), `lint` (ruff), `bench` (W1a, W1b)."""
+
+import nox
+
+nox.options.sessions = ["tests", "lint"]
+nox.options.default_venv_backend = "venv"
+
+# torch first, pinned to the CPU build that lies on these machines; everything after is installed with a
+# constraint that keeps it, so no dependency can pull a multi-GB CUDA build instead.
+TORCH = "torch==2.13.0"
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def _install(session: nox.Session, extras: str) -> None:
+    session.install(TORCH)
+    constraints = session.create_tmp() + "/constraints.txt"
+    with open(constraints, "w") as f:
+        f.write(TORCH + "\n")
+    session.install("-c", constraints, "-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    _install(session, "test")
+    session.run("pytest", *session.posargs, env=OFFLINE)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    _install(session, "bench")
+    for name in session.posargs or ["W1a", "W1b"]:
+        session.run("flexhelm", "bench", name, env=OFFLINE)

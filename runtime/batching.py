@@ -1,0 +1,69 @@
+"""Length bucketing, left padding, positions and attention masks.
+
+Prompts are sorted by length and cut into blocks, so each block pads only to its own longest prompt.
+Left padding keeps every row's newest token in the last column, which lets a whole block decode with
+one cache index. Pads are masked out of attention, so results never depend on padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from runtime.errors import InputError
+
+
+def plan_blocks(lengths: Sequence[int], block_size: int) -> list[list[int]]:
+    """Indices grouped into blocks of at most `block_size`, longest first (stable for equal lengths)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + block_size] for i in range(0, len(order), block_size)]
+
+
+def split(rows: Sequence[int], size: int) -> list[slice]:
+    """Micro-batch slices of `size` rows over a block of `len(rows)` rows."""
+    return [slice(i, min(i + size, len(rows))) for i in range(0, len(rows), size)]
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, T) left-padded with `pad_id`, and the validity mask (B, T) bool."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for r, s in enumerate(seqs):
+        if s:
+            ids[r, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
+            valid[r, T - len(s):] = True
+    return ids.to(device), valid.to(device)
+
+
+def positions(valid: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each token counted over valid tokens only; pads get -1 (as HF OPT does)."""
+    return (valid.long().cumsum(-1) * valid.long() - 1).long()
+
+
+def prefill_mask(valid: torch.Tensor) -> torch.Tensor | None:
+    """(B, 1, T, T) causal mask that hides pads; None when nothing is padded (plain causal)."""
+    if bool(valid.all()):
+        return None
+    T = valid.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+    mask = causal[None] & valid[:, None, :]  # (B, T, T)
+    # A pad row would attend to nothing (softmax of all -inf = NaN); let it see itself. Its output is
+    # never read and real rows never attend to pads, so this changes no result.
+    mask |= torch.eye(T, dtype=torch.bool, device=valid.device)[None]
+    return mask[:, None]
+
+
+def validate_ids(seqs: Sequence[Sequence[int]], what: str, vocab_size: int) -> None:
+    if not isinstance(seqs, Sequence) or isinstance(seqs, str) or len(seqs) == 0:
+        raise InputError(f"{what}: expected a non-empty list of token id lists, got {type(seqs).__name__} "
+                         f"of length {len(seqs) if hasattr(seqs, '__len__') else '?'}")
+    for i, s in enumerate(seqs):
+        if isinstance(s, str) or not all(isinstance(t, int) for t in s):
+            raise InputError(f"{what}[{i}] must be a list of int token ids (tokenize text first)")
+        if len(s) == 0:
+            raise InputError(f"{what}[{i}] is empty: every prompt needs at least one token")
+        bad = [t for t in s if not 0 <= t < vocab_size]
+        if bad:
+            raise InputError(f"{what}[{i}] holds token id {bad[0]} outside the vocabulary [0, {vocab_size})")

@@ -1,0 +1,155 @@
+"""Local Hugging Face checkpoints: find, validate and read tensors one at a time.
+
+Supported layouts: `model.safetensors`, sharded safetensors (`model.safetensors.index.json`),
+`pytorch_model.bin` and its sharded index. safetensors files are memory-mapped and each tensor is
+copied out on request; `.bin` files are opened with `torch.load(mmap=True)`, so neither layout
+brings the whole model into RAM at once. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from runtime.errors import CheckpointError
+from runtime.families import get_family
+from runtime.spec import ModelSpec
+
+_SAFE_INDEX, _SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
+_BIN_INDEX, _BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def read_config(path: Path) -> dict:
+    cfg = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"model folder {path} does not exist; pass --model a local folder "
+                              "holding config.json, weights and tokenizer files")
+    if not cfg.is_file():
+        raise CheckpointError(f"{cfg} is missing: a model folder needs the config.json that "
+                              "save_pretrained writes beside the weights")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg} is not valid JSON ({e}); restore it from the original checkpoint") from None
+
+
+def _safetensors_header(file: Path) -> dict:
+    """Parse and size-check a safetensors header: 8-byte length, JSON, then the data it describes."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{file} is truncated ({size} bytes): re-copy or re-download it")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CheckpointError(f"{file} is truncated or corrupt: its header claims {n} bytes but the "
+                                  f"file has {size}; re-copy or re-download it")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{file} has a corrupt header; re-copy or re-download it") from None
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise CheckpointError(f"{file} is truncated or corrupt: {8 + n + end} bytes expected from its "
+                              f"header, {size} on disk; re-copy or re-download it")
+    return header
+
+
+class Checkpoint:
+    """A validated local checkpoint folder; `tensor(name)` reads one tensor, on the CPU."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path).expanduser()
+        self.config = read_config(self.path)
+        self.spec: ModelSpec = get_family(self.config.get("model_type")).spec_from_config(self.config)
+        self._handles: dict[Path, object] = {}  # open safetensors files and mmapped .bin dicts
+        self._weight_map = self._find_weights()  # tensor name -> file
+
+    def _find_weights(self) -> dict[str, Path]:
+        p = self.path
+        if (p / _SAFE_INDEX).is_file():
+            return self._from_index(p / _SAFE_INDEX, safetensors=True)
+        if (p / _SAFE_SINGLE).is_file():
+            return dict.fromkeys(self._safetensors_names(p / _SAFE_SINGLE), p / _SAFE_SINGLE)
+        if (p / _BIN_INDEX).is_file():
+            return self._from_index(p / _BIN_INDEX, safetensors=False)
+        if (p / _BIN_SINGLE).is_file():
+            return dict.fromkeys(self._bin(p / _BIN_SINGLE).keys(), p / _BIN_SINGLE)
+        raise CheckpointError(f"no weights in {p}: expected {_SAFE_SINGLE}, {_SAFE_INDEX}, {_BIN_SINGLE} "
+                              f"or {_BIN_INDEX} (save with model.save_pretrained(dir))")
+
+    def _from_index(self, index: Path, safetensors: bool) -> dict[str, Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise CheckpointError(f"{index} is not a valid shard index (no 'weight_map')") from None
+        files = {name: self.path / f for name, f in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise CheckpointError(f"shard {f.name} listed in {index.name} is missing from {self.path}")
+            if safetensors:
+                self._safetensors_names(f)
+        return files
+
+    @staticmethod
+    def _safetensors_names(file: Path) -> list[str]:
+        return [k for k in _safetensors_header(file) if k != "__metadata__"]
+
+    def _bin(self, file: Path) -> dict:
+        if file not in self._handles:
+            try:
+                self._handles[file] = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as e:  # torch raises several types for a damaged zip/pickle
+                raise CheckpointError(f"cannot read {file}: {e}; re-copy or re-download it") from None
+        return self._handles[file]
+
+    def resolve(self, name: str) -> str:
+        """The stored name of a tensor: HF checkpoints differ on the `model.` prefix."""
+        for candidate in (name, name.removeprefix("model."), "model." + name):
+            if candidate in self._weight_map:
+                return candidate
+        raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.path}: "
+                              "the files are incomplete or belong to another architecture")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        stored = self.resolve(name)
+        file = self._weight_map[stored]
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            if file not in self._handles:
+                self._handles[file] = safe_open(file, framework="pt", device="cpu")
+            return self._handles[file].get_tensor(stored)
+        return self._bin(file)[stored]
+
+    def storage_dtype(self) -> torch.dtype:
+        """dtype of the stored weights (from the first decoder tensor, not the config's claim)."""
+        first = next(iter(sorted(self._weight_map)))
+        return self.tensor(first).dtype
+
+    def fingerprint(self) -> dict:
+        """Identity of the checkpoint files (names, sizes, mtimes): keys caches derived from them."""
+        files = sorted(set(self._weight_map.values()) | {self.path / "config.json"})
+        return {f.name: [f.stat().st_size, int(f.stat().st_mtime)] for f in files}
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The checkpoint folder's tokenizer via `AutoTokenizer`, local files only."""
+    path = Path(path).expanduser()
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise CheckpointError(f"no tokenizer in {path}: expected one of {', '.join(_TOKENIZER_FILES)} "
+                              "(save it with tokenizer.save_pretrained(dir))")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # transformers raises OSError/ValueError/... depending on the file
+        raise CheckpointError(f"cannot load the tokenizer in {path}: {e}") from None

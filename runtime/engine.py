@@ -1,0 +1,269 @@
+"""`Engine`: batch-level generation and scoring on a local checkpoint; token ids in, ids and floats out.
+
+Every call sorts its prompts by length into blocks (`plan_blocks`), left-pads each block, splits it
+into micro-batches and runs the block schedule (`run_layers`). Results come back in the caller's order.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+import torch
+
+from runtime import batching
+from runtime.checkpoint import Checkpoint
+from runtime.device import PeakMemory, compute_dtype, resolve_device
+from runtime.errors import InputError
+from runtime.families import get_family
+from runtime.layers import KVSlot, StepContext
+from runtime.policy import Policy, WeightFormat
+from runtime.results import CallStats, Generation, GenerateResult, RollingResult, Score, ScoreResult
+from runtime.sampling import Sampler, StopChecker, validate_sampling
+from runtime.schedule import run_layers
+from runtime.weights import WeightStore
+
+# Logit elements materialized at once when scoring long continuations (256 MiB of fp32).
+_LOGIT_CHUNK = 64 * 2**20
+
+
+class Engine:
+    """A loaded model plus its policy. Construct once, call many times."""
+
+    def __init__(self, model_dir: str | os.PathLike, policy: Policy | None = None, progress: bool = False) -> None:
+        self.policy = policy or Policy()
+        self.device = resolve_device(self.policy.device)
+        ckpt = Checkpoint(model_dir)
+        self.path, self.spec = ckpt.path, ckpt.spec
+        storage = ckpt.storage_dtype()
+        self.dtype = compute_dtype(self.device, storage)
+        keep = self.policy.weight_format == WeightFormat.CHECKPOINT and storage.is_floating_point
+        self.layers = get_family(self.spec.family).build_layers(self.spec)
+        self.weights = WeightStore(ckpt, self.layers, self.device, storage if keep else self.dtype,
+                                   self.dtype, progress=progress)
+        ckpt.close()
+        self.pad_id = self.spec.pad_token_id if self.spec.pad_token_id is not None else 0
+        self._memory = PeakMemory(self.device)
+
+    # ---- generation -------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, stop_token_sequences: Sequence[Sequence[int]] = (),
+                 seed: int = 0, stop_at_eos: bool = True) -> GenerateResult:
+        """Continue each prompt by up to `max_new_tokens` tokens (greedy when temperature is 0)."""
+        batching.validate_ids(prompts, "prompts", self.spec.vocab_size)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        validate_sampling(temperature, top_k, top_p)
+        for i, p in enumerate(prompts):
+            self._check_length(len(p) + max_new_tokens, f"prompt {i} ({len(p)} tokens) + max_new_tokens "
+                               f"({max_new_tokens})")
+        eos = self.spec.eos_token_id if stop_at_eos else None
+        checkers = [StopChecker(stop_token_sequences, eos) for _ in prompts]
+        timer = _Timer(self.device)
+        self._memory.reset()
+        for block in batching.plan_blocks([len(p) for p in prompts], self.policy.block_size):
+            sampler = Sampler(temperature, top_k, top_p, seed, block)
+            rows = [checkers[i] for i in block]
+
+            def choose(step: int, logits: torch.Tensor, rows=rows, sampler=sampler) -> torch.Tensor | None:
+                tokens, logprobs = sampler(logits[:, -1])  # (b,), (b,)
+                for checker, t, lp in zip(rows, tokens.tolist(), logprobs.tolist()):
+                    if checker.reason is None:
+                        checker.push(t, lp)
+                done = all(c.reason is not None for c in rows)
+                return None if done else tokens
+
+            self._run_block([prompts[i] for i in block], max_new_tokens, choose, timer)
+        generations = []
+        for c in checkers:
+            generations.append(Generation(c.ids, c.logprobs, c.reason or "length"))
+        emitted = sum(getattr(c, "emitted", len(c.ids)) for c in checkers)
+        return GenerateResult(generations, self._stats(timer, sum(map(len, prompts)), emitted))
+
+    def trace_logits(self, prompts: Sequence[Sequence[int]], forced: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Teacher-forced logits for tests and debugging, as one block: [(B, T, V) prefill, (B, 1, V) per step].
+
+        Step t feeds `forced[r][t]` to row r; all rows need the same number of forced tokens.
+        """
+        batching.validate_ids(prompts, "prompts", self.spec.vocab_size)
+        steps = {len(f) for f in forced}
+        if len(steps) != 1 or len(forced) != len(prompts):
+            raise InputError("trace_logits needs one forced continuation per prompt, all of one length")
+        n = steps.pop()
+        out: list[torch.Tensor] = []
+
+        def choose(step: int, logits: torch.Tensor) -> torch.Tensor | None:
+            out.append(logits.float().clone())
+            return torch.tensor([f[step] for f in forced], device=self.device) if step < n else None
+
+        self._run_block(list(prompts), n + 1, choose, _Timer(self.device), all_prefill_logits=True)
+        return out
+
+    def _run_block(self, seqs: list[Sequence[int]], max_new_tokens: int, choose, timer: "_Timer",
+                   all_prefill_logits: bool = False) -> None:
+        """Prefill one block, then decode; `choose(step, logits (b, T, V))` gives the next tokens or None to stop."""
+        ids, valid = batching.left_pad(seqs, self.pad_id, self.device)  # (n, T)
+        n, T = ids.shape
+        total = T + max_new_tokens
+        mbs = batching.split(range(n), self.policy.gpu_batch_size)
+        full_valid = torch.zeros(n, total, dtype=torch.bool, device=self.device)
+        full_valid[:, :T] = valid
+        caches = [self._new_caches(mb.stop - mb.start, total) for mb in mbs]
+
+        with torch.inference_mode():
+            timer.start()
+            pos = batching.positions(valid)
+            ctxs = [StepContext(pos[mb], batching.prefill_mask(valid[mb]), 0,
+                                None if all_prefill_logits else slice(T - 1, T)) for mb in mbs]
+            logits = torch.cat(run_layers(self.layers, self.weights, [ids[mb] for mb in mbs], ctxs, caches))
+            next_ids = choose(0, logits)
+            timer.stop("prefill")
+            last_pos = pos[:, -1]  # (n,)
+            for step in range(1, max_new_tokens):
+                if next_ids is None:
+                    break
+                timer.start()
+                S = T + step
+                full_valid[:, S - 1] = True
+                last_pos = last_pos + 1
+                ctxs = []
+                for mb in mbs:
+                    v = full_valid[mb, :S]
+                    mask = None if bool(v.all()) else v[:, None, None, :]  # (b, 1, 1, S)
+                    ctxs.append(StepContext(last_pos[mb, None], mask, S - 1, None))
+                xs = [next_ids[mb, None] for mb in mbs]  # (b, 1)
+                logits = torch.cat(run_layers(self.layers, self.weights, xs, ctxs, caches))
+                next_ids = choose(step, logits)
+                timer.stop("decode")
+
+    def _new_caches(self, batch: int, max_len: int) -> dict[int, KVSlot]:
+        s = self.spec
+        return {i: KVSlot(batch, s.num_kv_heads, max_len, s.head_dim, self.dtype, self.device)
+                for i, layer in enumerate(self.layers) if layer.has_cache}
+
+    # ---- scoring ----------------------------------------------------------------------------
+    def score(self, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> ScoreResult:
+        """Log-likelihood of each continuation given its context, and whether it is the greedy one."""
+        batching.validate_ids(contexts, "contexts", self.spec.vocab_size)
+        batching.validate_ids(continuations, "continuations", self.spec.vocab_size)
+        if len(contexts) != len(continuations):
+            raise InputError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+        timer = _Timer(self.device)
+        self._memory.reset()
+        per_token, greedy = self._score_items(list(contexts), list(continuations), timer)
+        scores = [Score(sum(lp), g, lp) for lp, g in zip(per_token, greedy)]
+        return ScoreResult(scores, self._stats(timer, sum(len(c) + len(x) for c, x in zip(contexts, continuations)), 0))
+
+    def score_rolling(self, streams: Sequence[Sequence[int]], window: int | None = None, stride: int | None = None,
+                      prefix_token_id: int | None = None) -> RollingResult:
+        """Per-token log-probs over long token streams, for perplexity.
+
+        Each window feeds at most `window` tokens and scores the `stride` newest ones, so every scored
+        token sees at least `window - stride` tokens of context (stride == window: disjoint windows, as
+        lm-evaluation-harness does). With `prefix_token_id` (e.g. EOS), the first token is scored given
+        it; without, the first token of a stream is not scored.
+        """
+        batching.validate_ids(streams, "streams", self.spec.vocab_size)
+        window = window or self.spec.max_positions
+        stride = stride or window
+        if not 1 <= stride <= window:
+            raise InputError(f"stride must be in [1, window={window}], got {stride}")
+        self._check_length(window, f"window {window}")
+        contexts, conts, owner = [], [], []
+        for i, stream in enumerate(streams):
+            seq = ([prefix_token_id] if prefix_token_id is not None else []) + list(stream)
+            a = 1  # first target index in seq
+            while a < len(seq):
+                b = min(a + stride, len(seq))
+                s = max(0, b - 1 - window)
+                contexts.append(seq[s:a])
+                conts.append(seq[a:b])
+                owner.append(i)
+                a = b
+        timer = _Timer(self.device)
+        self._memory.reset()
+        out: list[list[float]] = [[] for _ in streams]
+        if contexts:
+            per_token, _ = self._score_items(contexts, conts, timer)
+            for i, lp in zip(owner, per_token):
+                out[i].extend(lp)
+        return RollingResult(out, self._stats(timer, sum(map(len, streams)), 0))
+
+    def _score_items(self, contexts: list, continuations: list, timer: "_Timer") -> tuple[list[list[float]], list[bool]]:
+        inputs = []
+        for i, (c, x) in enumerate(zip(contexts, continuations)):
+            inputs.append(list(c) + list(x)[:-1])  # the last continuation token is a target, never an input
+            self._check_length(len(inputs[-1]), f"item {i}: context ({len(c)}) + continuation ({len(x)}) - 1")
+        per_token: list[list[float]] = [[] for _ in inputs]
+        greedy = [False] * len(inputs)
+        head = len(self.layers) - 1
+        with torch.inference_mode():
+            for block in batching.plan_blocks([len(s) for s in inputs], self.policy.block_size):
+                timer.start()
+                ids, valid = batching.left_pad([inputs[i] for i in block], self.pad_id, self.device)
+                T = ids.shape[1]
+                pos = batching.positions(valid)
+                mbs = batching.split(block, self.policy.gpu_batch_size)
+                ctxs = [StepContext(pos[mb], batching.prefill_mask(valid[mb]), 0) for mb in mbs]
+                hidden = run_layers(self.layers, self.weights, [ids[mb] for mb in mbs], ctxs, None, stop=head)
+                w = self.weights.fetch(head)
+                for mb, h in zip(mbs, hidden):
+                    rows = block[mb]
+                    c_max = max(len(continuations[i]) for i in rows)
+                    chunk = max(1, _LOGIT_CHUNK // (len(rows) * self.spec.vocab_size))
+                    for start in range(T - c_max, T, chunk):
+                        end = min(start + chunk, T)
+                        ctx = StepContext(pos[mb], None, 0, slice(start, end))
+                        lp = torch.log_softmax(self.layers[head].forward(w, h, ctx, None).float(), -1)  # (b, t, V)
+                        self._collect(lp, start, T, rows, continuations, per_token, greedy)
+                timer.stop("prefill")
+        return per_token, greedy
+
+    @staticmethod
+    def _collect(lp: torch.Tensor, start: int, T: int, rows: list[int], continuations: list,
+                 per_token: list[list[float]], greedy: list[bool]) -> None:
+        """Pick each row's continuation log-probs from logits at input positions [start, start + t)."""
+        t = lp.shape[1]
+        best = lp.argmax(-1)  # (b, t)
+        for r, i in enumerate(rows):
+            cont = continuations[i]
+            first = T - len(cont)  # input position whose logits predict cont[0]
+            lo, hi = max(first, start), min(T, start + t)
+            if lo >= hi:
+                continue
+            targets = torch.as_tensor(cont[lo - first:hi - first], device=lp.device)
+            got = lp[r, lo - start:hi - start].gather(-1, targets[:, None])[:, 0]
+            if lo == first:
+                greedy[i] = True
+            per_token[i].extend(got.tolist())
+            greedy[i] = greedy[i] and bool((best[r, lo - start:hi - start] == targets).all())
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _check_length(self, n: int, what: str) -> None:
+        if n > self.spec.max_positions:
+            raise InputError(f"{what} = {n} tokens exceeds the model's {self.spec.max_positions} positions; "
+                             "shorten the prompt or ask for fewer tokens")
+
+    def _stats(self, timer: "_Timer", prompt_tokens: int, generated: int) -> CallStats:
+        return CallStats(timer.totals["prefill"], timer.totals["decode"], prompt_tokens, generated,
+                         self._memory.read())
+
+
+class _Timer:
+    """Wall time per phase; synchronizes CUDA so that asynchronous kernels are counted where they run."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.totals = {"prefill": 0.0, "decode": 0.0}
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+
+    def stop(self, phase: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.totals[phase] += time.perf_counter() - self._t0

@@ -1,0 +1,1 @@
+"""Evaluation scenarios as HELM `Scenario` subclasses with their run-spec functions."""

@@ -1,0 +1,70 @@
+"""`flexhelm generate`: plain and JSON output, and clear errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from harness.cli import main
+
+
+def test_generate_plain_prints_the_text(tiny_opt, capsys):
+    path, _ = tiny_opt("pre")
+    assert main(["generate", "--model", str(path), "--prompt", "the quick brown", "--max-new-tokens", "5"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("the quick brown") and len(out.strip()) > len("the quick brown")
+    assert "tok/s" in err
+
+
+def test_generate_json_has_ids_logprobs_and_totals(tiny_opt, tmp_path, capsys):
+    path, _ = tiny_opt("350m")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the lazy dog\n\nsea shells by\nall that\n")
+    argv = ["generate", "--model", str(path), "--prompts-file", str(prompts), "--max-new-tokens", "6",
+            "--batch-size", "2", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [p["prompt"] for p in out["prompts"]] == ["the lazy dog", "sea shells by", "all that"]
+    for p in out["prompts"]:
+        assert p["prompt_ids"] and len(p["output_ids"]) == len(p["logprobs"]) <= 6
+        assert all(lp <= 0 for lp in p["logprobs"])
+        assert isinstance(p["output_text"], str)
+    for key in ("prefill_s", "decode_s", "generated_tokens", "throughput_tok_s"):
+        assert key in out
+    assert out["generated_tokens"] >= 1
+
+
+def test_sampling_flags_are_seeded(tiny_opt, capsys):
+    path, _ = tiny_opt("pre")
+    argv = ["generate", "--model", str(path), "--prompt", "she sells", "--temperature", "1.0", "--top-k", "50",
+            "--top-p", "0.9", "--seed", "3", "--json"]
+    main(argv)
+    a = json.loads(capsys.readouterr().out)["prompts"][0]["output_ids"]
+    main(argv)
+    assert json.loads(capsys.readouterr().out)["prompts"][0]["output_ids"] == a
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+    (["--batch-size", "0"], "gpu_batch_size must be an integer >= 1"),
+    (["--max-new-tokens", "500"], "exceeds the model's 96 positions"),
+])
+def test_errors_are_one_clear_line(tiny_opt, capsys, extra, match):
+    path, _ = tiny_opt("pre")
+    assert main(["generate", "--model", str(path), "--prompt", "the fox", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flexhelm: error:") and match in err
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "none"), "--prompt", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_importing_harness_does_not_import_torch():
+    code = "import harness.cli, runtime, sys; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
