@@ -19,7 +19,7 @@ from runtime.errors import InputError
 from runtime.families import get_family
 from runtime.layers import KVSlot, StepContext
 from runtime.policy import Policy, WeightFormat
-from runtime.results import CallStats, Generation, GenerateResult, RollingResult, Score, ScoreResult
+from runtime.results import CallStats, GenerateResult, Generation, RollingResult, Score, ScoreResult
 from runtime.sampling import Sampler, StopChecker, validate_sampling
 from runtime.schedule import run_layers
 from runtime.weights import WeightStore
@@ -100,7 +100,7 @@ class Engine:
         self._run_block(list(prompts), n + 1, choose, _Timer(self.device), all_prefill_logits=True)
         return out
 
-    def _run_block(self, seqs: list[Sequence[int]], max_new_tokens: int, choose, timer: "_Timer",
+    def _run_block(self, seqs: list[Sequence[int]], max_new_tokens: int, choose, timer: _Timer,
                    all_prefill_logits: bool = False) -> None:
         """Prefill one block, then decode; `choose(step, logits (b, T, V))` gives the next tokens or None to stop."""
         ids, valid = batching.left_pad(seqs, self.pad_id, self.device)  # (n, T)
@@ -190,7 +190,7 @@ class Engine:
                 out[i].extend(lp)
         return RollingResult(out, self._stats(timer, sum(map(len, streams)), 0))
 
-    def _score_items(self, contexts: list, continuations: list, timer: "_Timer") -> tuple[list[list[float]], list[bool]]:
+    def _score_items(self, contexts: list, continuations: list, timer: _Timer) -> tuple[list[list[float]], list[bool]]:
         inputs = []
         for i, (c, x) in enumerate(zip(contexts, continuations)):
             inputs.append(list(c) + list(x)[:-1])  # the last continuation token is a target, never an input
@@ -245,7 +245,7 @@ class Engine:
             raise InputError(f"{what} = {n} tokens exceeds the model's {self.spec.max_positions} positions; "
                              "shorten the prompt or ask for fewer tokens")
 
-    def _stats(self, timer: "_Timer", prompt_tokens: int, generated: int) -> CallStats:
+    def _stats(self, timer: _Timer, prompt_tokens: int, generated: int) -> CallStats:
         return CallStats(timer.totals["prefill"], timer.totals["decode"], prompt_tokens, generated,
                          self._memory.read())
 
