@@ -1,9 +1,9 @@
 """Local Hugging Face checkpoints: find, validate and read tensors one at a time.
 
 Supported layouts: `model.safetensors`, sharded safetensors (`model.safetensors.index.json`),
-`pytorch_model.bin` and its sharded index. safetensors files are memory-mapped and each tensor is
-copied out on request; `.bin` files are opened with `torch.load(mmap=True)`, so neither layout
-brings the whole model into RAM at once. Nothing is ever downloaded.
+`pytorch_model.bin` and its sharded index. safetensors headers are parsed and size-checked up front and
+each tensor is read at its offset with a plain read; `.bin` files are opened with
+`torch.load(mmap=True)`. Neither brings the whole model into RAM at once. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from runtime.spec import ModelSpec
 _SAFE_INDEX, _SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
 _BIN_INDEX, _BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model")
+_SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
 
 
 def read_config(path: Path) -> dict:
@@ -53,11 +56,31 @@ def _safetensors_header(file: Path) -> dict:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{file} has a corrupt header; re-copy or re-download it") from None
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    header.pop("__metadata__", None)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if 8 + n + end != size:
         raise CheckpointError(f"{file} is truncated or corrupt: {8 + n + end} bytes expected from its "
                               f"header, {size} on disk; re-copy or re-download it")
+    for t in header.values():
+        t["file"], t["base"] = file, 8 + n
     return header
+
+
+def _read_safetensor(entry: dict) -> torch.Tensor:
+    """Read one tensor with a plain positional read into a fresh tensor: no mmap, so the file's pages
+    never count as this process's memory and only the tensor itself is resident."""
+    if entry["dtype"] not in _SAFE_DTYPES:
+        raise CheckpointError(f"{entry['file']}: tensor dtype {entry['dtype']} is not supported")
+    out = torch.empty(entry["shape"], dtype=_SAFE_DTYPES[entry["dtype"]])
+    start, end = entry["data_offsets"]
+    view = out.reshape(-1).view(torch.uint8).numpy()
+    if view.nbytes != end - start:
+        raise CheckpointError(f"{entry['file']}: a tensor's size disagrees with its shape; the file is corrupt")
+    with open(entry["file"], "rb", buffering=0) as f:
+        f.seek(entry["base"] + start)
+        if f.readinto(memoryview(view)) != view.nbytes:
+            raise CheckpointError(f"{entry['file']} is truncated; re-copy or re-download it")
+    return out
 
 
 class Checkpoint:
@@ -67,7 +90,8 @@ class Checkpoint:
         self.path = Path(path).expanduser()
         self.config = read_config(self.path)
         self.spec: ModelSpec = get_family(self.config.get("model_type")).spec_from_config(self.config)
-        self._handles: dict[Path, object] = {}  # open safetensors files and mmapped .bin dicts
+        self._handles: dict[Path, dict] = {}  # mmapped .bin state dicts
+        self._entries: dict[str, dict] = {}  # safetensors: tensor name -> header entry
         self._weight_map = self._find_weights()  # tensor name -> file
 
     def _find_weights(self) -> dict[str, Path]:
@@ -96,9 +120,10 @@ class Checkpoint:
                 self._safetensors_names(f)
         return files
 
-    @staticmethod
-    def _safetensors_names(file: Path) -> list[str]:
-        return [k for k in _safetensors_header(file) if k != "__metadata__"]
+    def _safetensors_names(self, file: Path) -> list[str]:
+        header = _safetensors_header(file)
+        self._entries.update(header)
+        return list(header)
 
     def _bin(self, file: Path) -> dict:
         if file not in self._handles:
@@ -118,14 +143,9 @@ class Checkpoint:
 
     def tensor(self, name: str) -> torch.Tensor:
         stored = self.resolve(name)
-        file = self._weight_map[stored]
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            if file not in self._handles:
-                self._handles[file] = safe_open(file, framework="pt", device="cpu")
-            return self._handles[file].get_tensor(stored)
-        return self._bin(file)[stored]
+        if stored in self._entries:
+            return _read_safetensor(self._entries[stored])
+        return self._bin(self._weight_map[stored])[stored]
 
     def storage_dtype(self) -> torch.dtype:
         """dtype of the stored weights (from the first decoder tensor, not the config's claim)."""

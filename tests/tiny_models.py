@@ -45,12 +45,12 @@ def opt_config(variant: str, **overrides):
 
 
 def build_opt(out: Path, variant: str = "pre", layout: str = "safetensors", dtype: torch.dtype = torch.float32,
-              tokenizer: Path | None = None, seed: int = 0):
+              tokenizer: Path | None = None, seed: int = 0, **config):
     """Save a random tiny OPT to `out` in `layout`; returns the HF model (fp32, eval mode) for reference."""
     from transformers import OPTForCausalLM
 
     torch.manual_seed(seed)
-    model = OPTForCausalLM(opt_config(variant)).eval()
+    model = OPTForCausalLM(opt_config(variant, **config)).eval()
     with torch.no_grad():  # random init leaves biases and norms trivial; perturb so every tensor matters
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)

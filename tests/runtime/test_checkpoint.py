@@ -147,3 +147,30 @@ def test_bad_policies():
 
         with pytest.raises(PolicyError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_loading_keeps_one_copy_of_the_model(tmp_path):
+    """Peak RSS while loading an fp16 checkpoint into fp32 grows by the fp32 weights plus one tensor, not 2x."""
+    from runtime.device import PeakMemory, _read_status
+    from tests.tiny_models import build_opt
+
+    build_opt(tmp_path, "pre", dtype=torch.float16, hidden_size=512, num_hidden_layers=6, ffn_dim=2048,
+              num_attention_heads=8)
+    import gc
+
+    gc.collect()
+    before = _read_status("VmRSS")
+    PeakMemory(torch.device("cpu")).reset()
+    engine = Engine(tmp_path)
+    grown = PeakMemory(torch.device("cpu")).read()["host"] - before
+    assert engine.weights.nbytes > 60e6
+    assert grown < engine.weights.nbytes * 1.15 + 20e6, (grown, engine.weights.nbytes)
+
+
+def test_truncated_bin_checkpoint(tiny_opt, tmp_path):
+    src, _ = tiny_opt("pre", "bin")
+    d = _copy(src, tmp_path / "b")
+    f = d / "pytorch_model.bin"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cannot read .*pytorch_model.bin"):
+        Engine(d)
