@@ -1,0 +1,127 @@
+"""Roofline of a `generate` call: the time this machine needs at least, measured in the same run.
+
+Roofline time = sum over the prefill step and each decode step of max(compute, memory), where
+- compute = FLOPs / GEMM peak. The peak is measured **per m** (the rows of the step's GEMMs: batch x
+  prompt in prefill, batch in decode): `F.linear` GFLOP/s of every weight shape the model multiplies at
+  that m (h x 3h, h x h, h x ffn, ffn x h, and h x vocab for the head), best shape taken as "the peak at
+  m". Skinny GEMMs run far below the large-m peak here (m=8: ~31 vs m=256: ~200 GFLOP/s), so one
+  global peak would make decode look 5x more compute-rich than this CPU can ever be. The probe reuses
+  one weight, so shapes that fit the L3 cache run cache-hot: that is the compute roof; streaming the
+  weights from RAM is the memory roof below.
+  FLOPs: the linear layers (2*m*k*n each); the attention, 2 matmuls of 2*head_dim FLOPs per
+  (query, key) pair and head, counting only the pairs a causal mask keeps (in prefill query j sees
+  j + 1 keys, half of the full square); the head only for the rows whose logits are needed (the last
+  position of each sequence in prefill, every row in decode). Attention runs at the step's GEMM peak.
+  Layer norms, biases, activations and the embedding lookup are not counted (a lower bound).
+- memory = bytes read / RAM bandwidth: every fp32 weight once per step (the engine computes in fp32, so
+  the fp16 checkpoint is converted at load) plus the whole KV cache after the step's write. RAM
+  bandwidth is measured by summing a large fp32 tensor.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from harness.bench.models import Arch
+
+_FP32 = 4  # bytes
+
+
+@dataclass(frozen=True)
+class Step:
+    """One forward pass of a generate call over the whole batch."""
+
+    batch: int
+    q_len: int
+    """New tokens per sequence (prompt length in prefill, 1 in decode)."""
+    kv_len: int
+    """Cached tokens per sequence once this step's keys are written."""
+
+    @property
+    def m(self) -> int:
+        return self.batch * self.q_len
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the roofline divides by, measured on this machine."""
+
+    gemm_flops: dict[int, float]
+    """m -> best fp32 FLOP/s over the model's weight shapes at that m."""
+    ram_bytes_per_s: float
+
+
+def generate_steps(batch: int, prompt_len: int, output_len: int) -> list[Step]:
+    """Prefill yields the first token; each further token costs one decode step."""
+    return [Step(batch, prompt_len, prompt_len)] + [Step(batch, 1, prompt_len + s) for s in range(1, output_len)]
+
+
+def gemms(arch: Arch, step: Step) -> list[tuple[int, int, int, int]]:
+    """(m, k, n, count): `count` products of (m, k) activations with (k, n) weights in this step."""
+    h, f = arch.hidden, arch.ffn
+    layer = [(step.m, k, n, arch.layers) for k, n in ((h, 3 * h), (h, h), (h, f), (f, h))]
+    return layer + [(step.batch, h, arch.vocab, 1)]  # head: the last position of each sequence only
+
+
+def attention_flops(arch: Arch, step: Step) -> int:
+    # query j of the q_len new ones sees the (kv_len - q_len) older tokens plus j + 1 new ones (causal)
+    pairs = step.q_len * (step.kv_len - step.q_len) + step.q_len * (step.q_len + 1) // 2
+    return 2 * 2 * step.batch * arch.heads * pairs * arch.head_dim * arch.layers
+
+
+def bytes_read(arch: Arch, step: Step) -> int:
+    h, f = arch.hidden, arch.ffn
+    per_layer = 4 * h * h + 2 * h * f + (3 * h + h + f + h) + 4 * h  # weights, biases, 2 norms
+    weights = arch.layers * per_layer + arch.vocab * h  # + the (tied) head
+    kv_cache = arch.layers * 2 * step.batch * step.kv_len * h
+    return _FP32 * (weights + kv_cache)
+
+
+def step_time(arch: Arch, step: Step, machine: Machine) -> float:
+    compute = sum(count * 2 * m * k * n / machine.gemm_flops[m] for m, k, n, count in gemms(arch, step))
+    compute += attention_flops(arch, step) / machine.gemm_flops[step.m]
+    return max(compute, bytes_read(arch, step) / machine.ram_bytes_per_s)
+
+
+def roofline(arch: Arch, steps: list[Step], machine: Machine) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) at the roofline; steps[0] is the prefill."""
+    times = [step_time(arch, s, machine) for s in steps]
+    return times[0], sum(times[1:])
+
+
+def measure(arch: Arch, steps: list[Step], ram_probe_bytes: int, reps: int = 5) -> Machine:
+    """GEMM peak at every m the steps use, over the shapes used at that m, and the RAM bandwidth."""
+    shapes_at: dict[int, set[tuple[int, int]]] = {}
+    for step in steps:
+        for m, k, n, _ in gemms(arch, step):
+            shapes_at.setdefault(m, set()).add((k, n))
+    peaks = {m: max(gemm_flops_per_s(m, k, n, reps) for k, n in sorted(shapes)) for m, shapes in shapes_at.items()}
+    return Machine(peaks, ram_bandwidth(ram_probe_bytes, reps))
+
+
+def gemm_flops_per_s(m: int, k: int, n: int, reps: int) -> float:
+    """fp32 `F.linear` FLOP/s of (m, k) @ (k, n), best of `reps` after a warm-up (best = least disturbed)."""
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    with torch.inference_mode():
+        return 2 * m * k * n / _best_time(lambda: F.linear(x, w), reps)
+
+
+def ram_bandwidth(nbytes: int, reps: int) -> float:
+    """Bytes/s of a streaming read: summing an fp32 tensor too large for the caches."""
+    t = torch.ones(nbytes // _FP32)  # ones, not empty: every page touched before timing
+    with torch.inference_mode():
+        return t.nbytes / _best_time(t.sum, reps)
+
+
+def _best_time(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best

@@ -1,0 +1,36 @@
+"""The benchmark workloads as plain data (no torch import), so listing them stays cheap."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One side-by-side throughput comparison: same prompts, same batch, ours against HF `generate`."""
+
+    name: str
+    description: str
+    model: str
+    """Key of `models.ARCHS`."""
+    batch: int
+    prompt_len: int
+    output_len: int
+    repeats: int = 3
+    """A B pairs measured after one warm-up of each; the ratio is the median over pairs."""
+    ram_probe_bytes: int = 2**30
+    """Size of the tensor summed to measure RAM bandwidth (large enough to defeat the caches)."""
+
+    def shrink(self) -> Workload:
+        """The quick variant: a tiny model and a few tokens, same code path, for a smoke test."""
+        return replace(self, model="opt-tiny", batch=4, prompt_len=16, output_len=8, repeats=1,
+                       ram_probe_bytes=32 * 2**20)
+
+
+_ALL = (
+    Workload("W1a", "engine efficiency, small model: opt-125m, batch 16, prompt 128, output 32, all in RAM, "
+             "fp32; ours/HF generate throughput and fraction of roofline", "opt-125m", 16, 128, 32),
+    Workload("W1b", "engine efficiency, compute-heavy: opt-1.3b, batch 8, prompt 64, output 32, all in RAM, "
+             "fp32; ours/HF generate throughput and fraction of roofline", "opt-1.3b", 8, 64, 32),
+)
+BY_NAME = {w.name: w for w in _ALL}
