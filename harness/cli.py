@@ -12,14 +12,36 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 
 
 def _policy(args: argparse.Namespace):
-    from runtime.policy import Policy
+    """The Policy from --policy (file or inline JSON), then --percent and the single flags on top."""
+    from runtime.errors import PolicyError
+    from runtime.policy import Placement, Policy
 
-    fields = {"device": args.device}
-    if args.batch_size is not None:
-        fields["gpu_batch_size"] = args.batch_size
-    if args.num_batches is not None:
-        fields["num_gpu_batches"] = args.num_batches
-    return Policy(**fields)
+    fields: dict = {}
+    if args.policy:
+        text = Path(args.policy).read_text() if Path(args.policy).is_file() else args.policy
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PolicyError(f"--policy is neither a readable file nor valid JSON ({e})") from None
+        if not isinstance(fields, dict):
+            raise PolicyError("--policy must be a JSON object of Policy fields")
+    if args.percent:
+        wg, wc, cg, cc, hg, hc = (p / 100 for p in args.percent)
+        fields.update(weights=Placement(wg, wc), cache=Placement(cg, cc), activations=Placement(hg, hc))
+    for flag, name in (("batch_size", "gpu_batch_size"), ("num_batches", "num_gpu_batches"), ("device", "device"),
+                       ("overlap", "overlap"), ("cpu_attention", "cpu_attention")):
+        if getattr(args, flag) is not None:
+            fields[name] = getattr(args, flag)
+    return Policy.from_json(fields)
+
+
+def _explain_tiers(args: argparse.Namespace, policy, engine) -> None:
+    """On a host without an accelerator the device tier is host RAM: say so rather than merge silently."""
+    explicit = args.policy or args.percent
+    if explicit and engine.device.type == "cpu" and any(
+            p.device > 0 for p in (policy.weights, policy.cache, policy.activations)):
+        print("note: no CUDA device: compute runs on the CPU, and device fractions count as host RAM",
+              file=sys.stderr)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -42,7 +64,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     prompts = _read_prompts(args)
     policy = _policy(args)
-    engine = Engine(args.model, policy, progress=sys.stderr.isatty())  # validates the folder first
+    engine = Engine(args.model, policy, progress=sys.stderr.isatty(), offload_dir=args.offload_dir)
+    _explain_tiers(args, policy, engine)
     tokenizer = load_tokenizer(args.model)
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     stops = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in args.stop]
@@ -51,7 +74,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     texts = [tokenizer.decode(g.output_ids, skip_special_tokens=True) for g in result.generations]
     stats = result.stats
     if args.json:
-        out = {"model": str(engine.path), "policy": policy.to_json(), "prompts": [
+        out = {"model": str(engine.path), "policy": policy.to_json(),
+               "weight_bytes_by_tier": engine.weights.bytes_by_tier(), "prompts": [
             {"prompt": p, "prompt_ids": ids, "output_ids": g.output_ids, "output_text": t, "logprobs": g.logprobs,
              "finish_reason": g.finish_reason}
             for p, ids, g, t in zip(prompts, prompt_ids, result.generations, texts)]}
@@ -62,8 +86,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if len(texts) > 1:
             print(f"--- prompt {i}: {prompts[i]}")
         print(prompts[i] + text if len(texts) == 1 else text)
+    gib = {k: f"{v / 2**30:.2f}" for k, v in stats.peak_memory.items()}
     print(f"[{stats.generated_tokens} tokens, prefill {stats.prefill_s:.2f} s, decode {stats.decode_s:.2f} s, "
-          f"{stats.throughput:.1f} tok/s, device {engine.device}]", file=sys.stderr)
+          f"{stats.throughput:.1f} tok/s, device {engine.device}, peak GiB {gib}]", file=sys.stderr)
     return 0
 
 
@@ -86,7 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--batch-size", type=int, help="sequences per micro-batch (Policy.gpu_batch_size)")
     g.add_argument("--num-batches", type=int, help="micro-batches per block (Policy.num_gpu_batches)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    g.add_argument("--policy", help="policy JSON file or inline JSON object (fields of runtime.Policy)")
+    g.add_argument("--percent", nargs=6, type=float, metavar=("WG", "WC", "CG", "CC", "HG", "HC"),
+                   help="FlexGen's placement shorthand: percent of weights, KV cache and activations on the "
+                        "device (G) and in host RAM (C); the rest goes to disk")
+    g.add_argument("--offload-dir", help="folder for disk-offloaded data (default ~/.cache/flexhelm/offload)")
+    g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="overlap disk I/O with compute (default on)")
+    g.add_argument("--cpu-attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="CUDA: decode attention next to an off-device cache (default on)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from runtime.disk import Region
 from runtime.errors import CheckpointError
 from runtime.families import get_family
 from runtime.spec import ModelSpec
@@ -146,6 +147,28 @@ class Checkpoint:
         if stored in self._entries:
             return _read_safetensor(self._entries[stored])
         return self._bin(self._weight_map[stored])[stored]
+
+    def _meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        stored = self.resolve(name)
+        if stored in self._entries:
+            e = self._entries[stored]
+            return tuple(e["shape"]), _SAFE_DTYPES.get(e["dtype"], torch.uint8)
+        t = self._bin(self._weight_map[stored])[stored]
+        return tuple(t.shape), t.dtype
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return self._meta(name)[0]
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return self._meta(name)[1]
+
+    def regions(self, names: tuple[str, ...]) -> list[Region] | None:
+        """Where the tensors' bytes lie in safetensors files, to read in place; None for other layouts."""
+        entries = [self._entries.get(self.resolve(n)) for n in names]
+        if any(e is None for e in entries) or len({e["dtype"] for e in entries}) > 1:
+            return None
+        return [Region(e["file"], e["base"] + e["data_offsets"][0], e["data_offsets"][1] - e["data_offsets"][0])
+                for e in entries]
 
     def storage_dtype(self) -> torch.dtype:
         """dtype of the stored weights (from the first decoder tensor, not the config's claim)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -15,13 +16,15 @@ import torch
 from runtime import batching
 from runtime.checkpoint import Checkpoint
 from runtime.device import PeakMemory, compute_dtype, resolve_device
+from runtime.disk import DiskIO
 from runtime.errors import InputError
 from runtime.families import get_family
-from runtime.layers import KVSlot, StepContext
+from runtime.layers import StepContext
+from runtime.offload import OffloadDir
 from runtime.policy import Policy, WeightFormat
 from runtime.results import CallStats, GenerateResult, Generation, RollingResult, Score, ScoreResult
 from runtime.sampling import Sampler, StopChecker, validate_sampling
-from runtime.schedule import run_layers
+from runtime.schedule import BlockRunner
 from runtime.weights import WeightStore
 
 # Logit elements materialized at once when scoring long continuations (256 MiB of fp32).
@@ -31,7 +34,8 @@ _LOGIT_CHUNK = 64 * 2**20
 class Engine:
     """A loaded model plus its policy. Construct once, call many times."""
 
-    def __init__(self, model_dir: str | os.PathLike, policy: Policy | None = None, progress: bool = False) -> None:
+    def __init__(self, model_dir: str | os.PathLike, policy: Policy | None = None, progress: bool = False,
+                 offload_dir: str | os.PathLike | None = None) -> None:
         self.policy = policy or Policy()
         self.device = resolve_device(self.policy.device)
         ckpt = Checkpoint(model_dir)
@@ -40,11 +44,26 @@ class Engine:
         self.dtype = compute_dtype(self.device, storage)
         keep = self.policy.weight_format == WeightFormat.CHECKPOINT and storage.is_floating_point
         self.layers = get_family(self.spec.family).build_layers(self.spec)
-        self.weights = WeightStore(ckpt, self.layers, self.device, storage if keep else self.dtype,
-                                   self.dtype, progress=progress)
+        io = offload = None
+        if self.policy.offloads():
+            offload, io = OffloadDir(offload_dir), DiskIO()
+            self._finalizer = weakref.finalize(self, _release, io, offload)
+        try:
+            self.weights = WeightStore(ckpt, self.layers, self.device, storage if keep else self.dtype, self.dtype,
+                                       self.policy.weights, io, offload, self.policy.pin_host_memory, progress)
+        except BaseException:
+            _release(io, offload)
+            raise
         ckpt.close()
+        self.runner = BlockRunner(self.layers, self.weights, self.spec, self.policy, self.device, self.dtype,
+                                  io, offload)
         self.pad_id = self.spec.pad_token_id if self.spec.pad_token_id is not None else 0
         self._memory = PeakMemory(self.device)
+
+    def close(self) -> None:
+        """Remove this engine's scratch files and stop its I/O threads (also done when it is collected)."""
+        if hasattr(self, "_finalizer"):
+            self._finalizer()
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
@@ -109,14 +128,22 @@ class Engine:
         mbs = batching.split(range(n), self.policy.gpu_batch_size)
         full_valid = torch.zeros(n, total, dtype=torch.bool, device=self.device)
         full_valid[:, :T] = valid
-        caches = [self._new_caches(mb.stop - mb.start, total) for mb in mbs]
+        caches = self.runner.new_caches([mb.stop - mb.start for mb in mbs], total)
+        try:
+            self._prefill_and_decode(ids, valid, full_valid, mbs, caches, max_new_tokens, choose, timer,
+                                     all_prefill_logits)
+        finally:
+            self.runner.close_caches(caches)
 
+    def _prefill_and_decode(self, ids, valid, full_valid, mbs, caches, max_new_tokens, choose, timer,
+                            all_prefill_logits) -> None:
+        T = ids.shape[1]
         with torch.inference_mode():
             timer.start()
             pos = batching.positions(valid)
             ctxs = [StepContext(pos[mb], batching.prefill_mask(valid[mb]), 0,
                                 None if all_prefill_logits else slice(T - 1, T)) for mb in mbs]
-            logits = torch.cat(run_layers(self.layers, self.weights, [ids[mb] for mb in mbs], ctxs, caches))
+            logits = _cat(self.runner.forward([ids[mb] for mb in mbs], ctxs, caches))
             next_ids = choose(0, logits)
             timer.stop("prefill")
             last_pos = pos[:, -1]  # (n,)
@@ -133,14 +160,9 @@ class Engine:
                     mask = None if bool(v.all()) else v[:, None, None, :]  # (b, 1, 1, S)
                     ctxs.append(StepContext(last_pos[mb, None], mask, S - 1, None))
                 xs = [next_ids[mb, None] for mb in mbs]  # (b, 1)
-                logits = torch.cat(run_layers(self.layers, self.weights, xs, ctxs, caches))
+                logits = _cat(self.runner.forward(xs, ctxs, caches))
                 next_ids = choose(step, logits)
                 timer.stop("decode")
-
-    def _new_caches(self, batch: int, max_len: int) -> dict[int, KVSlot]:
-        s = self.spec
-        return {i: KVSlot(batch, s.num_kv_heads, max_len, s.head_dim, self.dtype, self.device)
-                for i, layer in enumerate(self.layers) if layer.has_cache}
 
     # ---- scoring ----------------------------------------------------------------------------
     def score(self, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> ScoreResult:
@@ -206,7 +228,7 @@ class Engine:
                 pos = batching.positions(valid)
                 mbs = batching.split(block, self.policy.gpu_batch_size)
                 ctxs = [StepContext(pos[mb], batching.prefill_mask(valid[mb]), 0) for mb in mbs]
-                hidden = run_layers(self.layers, self.weights, [ids[mb] for mb in mbs], ctxs, None, stop=head)
+                hidden = self.runner.forward([ids[mb] for mb in mbs], ctxs, None, stop=head)
                 w = self.weights.fetch(head)
                 for mb, h in zip(mbs, hidden):
                     rows = block[mb]
@@ -246,8 +268,9 @@ class Engine:
                              "shorten the prompt or ask for fewer tokens")
 
     def _stats(self, timer: _Timer, prompt_tokens: int, generated: int) -> CallStats:
-        return CallStats(timer.totals["prefill"], timer.totals["decode"], prompt_tokens, generated,
-                         self._memory.read())
+        peaks = self._memory.read()
+        peaks["disk"] = self.weights.bytes_by_tier()["disk"] + self.runner.disk_peak
+        return CallStats(timer.totals["prefill"], timer.totals["decode"], prompt_tokens, generated, peaks)
 
 
 class _Timer:
@@ -267,3 +290,14 @@ class _Timer:
         if self.cuda:
             torch.cuda.synchronize()
         self.totals[phase] += time.perf_counter() - self._t0
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _release(io: DiskIO | None, offload: OffloadDir | None) -> None:
+    if io is not None:
+        io.close()
+    if offload is not None:
+        offload.close()

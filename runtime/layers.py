@@ -41,25 +41,6 @@ class StepContext:
     """Positions of the new tokens whose logits the head computes (None = all)."""
 
 
-class KVSlot:
-    """Preallocated keys and values of one layer for one micro-batch: (B, kv_heads, S_max, head_dim)."""
-
-    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
-        self.k = torch.empty(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write (B, kvH, T, D) at `start`; return views of everything cached so far (B, kvH, start+T, D)."""
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
-
 class Layer(Protocol):
     """A unit of weights and math; `forward` maps (B, T, ...) inputs to (B, T', ...) outputs."""
 
@@ -69,7 +50,7 @@ class Layer(Protocol):
     def weight_specs(self) -> list[WeightSpec]: ...
 
     def forward(self, w: dict[str, torch.Tensor], x: torch.Tensor, ctx: StepContext,
-                cache: KVSlot | None) -> torch.Tensor: ...
+                cache) -> torch.Tensor: ...
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:

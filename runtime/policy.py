@@ -1,18 +1,67 @@
-"""`Policy`: how the engine runs a model (batch shape, device, storage format); validated, frozen."""
+"""`Policy`: how the engine runs a model (batch shape, placement over tiers, overlap); validated, frozen."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 
 from runtime.errors import PolicyError
 
 
+class Tier(str, Enum):
+    DEVICE = "device"
+    HOST = "host"
+    DISK = "disk"
+
+
 class WeightFormat(str, Enum):
     COMPUTE = "compute"
-    """Convert each weight to the compute dtype once, at load (fastest; fp16 checkpoints double in size on CPU)."""
+    """Convert each in-memory weight to the compute dtype once, at load (fastest; fp16 doubles on CPU)."""
     CHECKPOINT = "checkpoint"
     """Keep the checkpoint's dtype in memory; convert one layer at a time into reused compute buffers."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Fractions of a kind of data on the device and in host RAM; the remainder goes to disk."""
+
+    device: float = 1.0
+    host: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("device", "host"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise PolicyError(f"placement fraction {name}={v!r} must be a number in [0, 1]")
+        if self.device + self.host > 1 + 1e-9:
+            raise PolicyError(f"placement fractions device={self.device} + host={self.host} exceed 1")
+
+    @property
+    def disk(self) -> float:
+        return max(0.0, 1.0 - self.device - self.host)
+
+    def fractions(self) -> dict[Tier, float]:
+        return {Tier.DEVICE: self.device, Tier.HOST: self.host, Tier.DISK: self.disk}
+
+    def choose(self, position: float) -> Tier:
+        """The tier of an item whose middle lies at `position` in [0, 1] of the cumulative size (FlexGen's
+        `get_choice`): device first, then host, then disk, so the byte split follows the fractions."""
+        if position < self.device:
+            return Tier.DEVICE
+        if position < self.device + self.host:
+            return Tier.HOST
+        return Tier.DISK
+
+
+def _placement(value) -> Placement:
+    if isinstance(value, Placement):
+        return value
+    if isinstance(value, dict):
+        unknown = set(value) - {"device", "host", "disk"}
+        if unknown:
+            raise PolicyError(f"unknown placement keys {sorted(unknown)}; use device, host (disk is the rest)")
+        return Placement(value.get("device", 0.0), value.get("host", 0.0))
+    raise PolicyError(f"a placement must be an object like {{'device': 0.3, 'host': 0.5}}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -26,26 +75,62 @@ class Policy:
     device: str = "auto"
     """Compute device: `auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
     weight_format: WeightFormat = WeightFormat.COMPUTE
-    """In-memory format of weights, see `WeightFormat`."""
+    """In-memory format of weights, see `WeightFormat` (weights on disk keep the checkpoint's dtype)."""
+    weights: Placement = field(default_factory=Placement)
+    """Where weights live (by bytes, within each layer)."""
+    cache: Placement = field(default_factory=Placement)
+    """Where the KV cache lives (by (layer, micro-batch) slot)."""
+    activations: Placement = field(default_factory=Placement)
+    """Where hidden states between layers live (by micro-batch)."""
+    overlap: bool = True
+    """Prefetch the next layer's weights and the next micro-batch's cache while computing."""
+    cpu_attention: bool = True
+    """CUDA: decode attention over an off-device cache runs on the CPU, next to the cache."""
+    pin_host_memory: bool = True
+    """CUDA: host-resident weights and staging buffers in pinned memory (faster, asynchronous copies)."""
 
     def __post_init__(self) -> None:
         for name in ("gpu_batch_size", "num_gpu_batches"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PolicyError(f"Policy.{name} must be an integer >= 1, got {value!r}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        if not isinstance(self.device, str) or not (
+                self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise PolicyError(f"Policy.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         try:
             object.__setattr__(self, "weight_format", WeightFormat(self.weight_format))
         except ValueError:
             raise PolicyError(f"Policy.weight_format must be one of {[f.value for f in WeightFormat]}, "
                               f"got {self.weight_format!r}") from None
+        for name in ("weights", "cache", "activations"):
+            object.__setattr__(self, name, _placement(getattr(self, name)))
+        for name in ("overlap", "cpu_attention", "pin_host_memory"):
+            if not isinstance(getattr(self, name), bool):
+                raise PolicyError(f"Policy.{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def block_size(self) -> int:
         return self.gpu_batch_size * self.num_gpu_batches
 
+    @classmethod
+    def from_percent(cls, wg: float, wc: float, cg: float, cc: float, hg: float, hc: float, **kw) -> Policy:
+        """FlexGen's `--percent`: weights, cache and activations on GPU / CPU in percent, the rest on disk."""
+        return cls(weights=Placement(wg / 100, wc / 100), cache=Placement(cg / 100, cc / 100),
+                   activations=Placement(hg / 100, hc / 100), **kw)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Policy:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise PolicyError(f"unknown policy fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["weight_format"] = self.weight_format.value
         return d
+
+    def offloads(self) -> bool:
+        """Whether anything is placed on disk."""
+        return any(p.disk > 0 for p in (self.weights, self.cache, self.activations))

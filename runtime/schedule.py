@@ -1,25 +1,81 @@
-"""The block schedule: each layer is loaded once and run over every micro-batch of the block.
+"""The block schedule (FlexGen Algorithm 1): for each layer, for each micro-batch of the block:
+prefetch the next layer's weights and the next micro-batch's cache and activations, compute this one,
+store its cache and activations in the background.
 
-This is the order of FlexGen's Algorithm 1 (layer-major over a block of micro-batches) without the
-overlap of I/O and compute, which the offloading tiers add around the same loop; the layer math is
-the family's `forward`, shared by every schedule.
+With `overlap` off nothing is prefetched: every load happens when its data is needed, which gives the
+plain sequential loop, kept as the reference. Both orders run the same layer math (the family's
+`forward`); offloading only changes where data waits, never what is computed.
 """
 
 from __future__ import annotations
 
 import torch
 
-from runtime.layers import KVSlot, Layer, StepContext
+from runtime.activations import Activations
+from runtime.layers import Layer, StepContext
 from runtime.weights import WeightStore
 
 
-def run_layers(layers: list[Layer], weights: WeightStore, xs: list[torch.Tensor], contexts: list[StepContext],
-               caches: list[dict[int, KVSlot]] | None, stop: int | None = None) -> list[torch.Tensor]:
-    """Run layers [0, stop) over every micro-batch: xs[k] is micro-batch k's input, contexts[k] its context."""
-    xs = list(xs)
-    for i, layer in enumerate(layers[:stop]):
+def run_layers(layers: list[Layer], weights: WeightStore, acts: Activations, contexts: list[StepContext],
+               caches: list[dict[int, object]] | None, stop: int | None = None,
+               overlap: bool = True) -> list[torch.Tensor]:
+    """Run layers [0, stop) over every micro-batch; `acts` holds each micro-batch's input and output."""
+    run = layers[:stop]
+    last = len(layers) - 1
+    nb = len(contexts)
+    for i, layer in enumerate(run):
         w = weights.fetch(i)
+        if overlap:
+            weights.prefetch(i + 1)  # read the next layer's weights while this one computes
         for k, ctx in enumerate(contexts):
+            if overlap:
+                _prefetch_next(i, k, nb, run, acts, contexts, caches)
             cache = caches[k].get(i) if caches is not None else None
-            xs[k] = layer.forward(w, xs[k], ctx, cache)
-    return xs
+            acts.put(k, layer.forward(w, acts.get(k), ctx, cache), offload=i < last)
+    return [acts.get(k) for k in range(nb)]
+
+
+def _prefetch_next(i: int, k: int, nb: int, run: list[Layer], acts: Activations, contexts: list[StepContext],
+                   caches: list[dict[int, object]] | None) -> None:
+    """Start loading the inputs of the (layer, micro-batch) that runs after (i, k)."""
+    ni, nk = (i, k + 1) if k + 1 < nb else (i + 1, 0)
+    if ni >= len(run):
+        return
+    acts.prefetch(nk)
+    if caches is not None and ni in caches[nk]:
+        caches[nk][ni].prefetch(contexts[nk].cache_start)
+
+
+class BlockRunner:
+    """Runs blocks on one model under one policy: owns the caches' and activations' tiers and staging."""
+
+    def __init__(self, layers: list[Layer], weights: WeightStore, spec, policy, device: torch.device,
+                 dtype: torch.dtype, io=None, offload=None) -> None:
+        from runtime.kv_cache import StagingRing
+
+        self.layers, self.weights, self.spec, self.policy = layers, weights, spec, policy
+        self.device, self.dtype, self.io, self.offload = device, dtype, io, offload
+        self.ring = StagingRing(pin=policy.pin_host_memory and device.type == "cuda")
+        self.disk_peak = 0
+
+    def new_caches(self, batches: list[int], max_len: int) -> list[dict[int, object]]:
+        from runtime.kv_cache import make_caches
+
+        caches = make_caches(batches, self.layers, self.spec, max_len, self.policy.cache, self.dtype, self.device,
+                             self.io, self.offload, self.ring, self.policy.cpu_attention)
+        on_disk = sum(s.nbytes for c in caches for s in c.values() if s.tier.value == "disk")
+        self.disk_peak = max(self.disk_peak, on_disk)
+        return caches
+
+    def close_caches(self, caches: list[dict[int, object]]) -> None:
+        self.ring.drain()
+        for c in caches:
+            for slot in c.values():
+                slot.close()
+
+    def forward(self, xs: list[torch.Tensor], contexts: list[StepContext], caches, stop: int | None = None):
+        acts = Activations(xs, self.policy.activations, self.device, self.io, self.offload, self.ring)
+        try:
+            return run_layers(self.layers, self.weights, acts, contexts, caches, stop, self.policy.overlap)
+        finally:
+            acts.close()

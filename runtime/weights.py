@@ -1,72 +1,164 @@
-"""Resident weight storage and per-layer materialization in the compute dtype.
+"""Weights over tiers, and per-layer materialization in the compute dtype on the compute device.
 
-Weights are read from the checkpoint one tensor at a time straight into their final storage
-(fused q/k/v are copied into one preallocated tensor), so the model is never held twice. When the
-storage dtype differs from the compute dtype (fp16 checkpoint on a CPU), `fetch` converts one layer
-into reused buffers: converting into a reused buffer runs at 10-15 GB/s here, into a fresh tensor at
-~3 GB/s (page faults).
+Placement inside each layer follows the cumulative size of its weights (FlexGen's `get_choice`), so a
+30/50/20 policy puts about 30/50/20 % of the bytes on device/host/disk. In-memory weights are read from
+the checkpoint one tensor at a time straight into their final storage (fused q/k/v into one tensor).
+Disk weights are read in place from safetensors files, or from prepared files in the offload folder,
+by background threads into two alternating staging slots (layer i+1 loads while layer i computes).
+`fetch` converts into reused compute buffers: into a reused buffer 10-15 GB/s here, into a fresh
+tensor ~3 GB/s (page faults).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from runtime.checkpoint import Checkpoint
+from runtime.disk import DiskIO, Pending, Region
 from runtime.errors import CheckpointError
 from runtime.layers import Layer, WeightSpec
+from runtime.offload import OffloadDir
+from runtime.policy import Placement, Tier
+
+
+@dataclass
+class _Stored:
+    """One weight: a tensor in memory, or regions on disk holding `dtype` data of `shape`."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    tier: Tier
+    tensor: torch.Tensor | None = None
+    regions: list[Region] | None = None
+    name: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * self.dtype.itemsize
+
+
+def assign_tiers(specs: list[WeightSpec], sizes: list[int], placement: Placement) -> list[Tier]:
+    """Tier of each weight of a layer by the middle of its bytes in the layer's cumulative size."""
+    total, seen, tiers = max(1, sum(sizes)), 0, []
+    for size in sizes:
+        tiers.append(placement.choose((seen + size / 2) / total))
+        seen += size
+    return tiers
 
 
 class WeightStore:
-    """All layers' weights in memory, in `storage_dtype`, on `device`."""
+    """All layers' weights, placed by `placement`; `prefetch(i)` / `fetch(i)` bring layer i to compute."""
 
-    def __init__(self, ckpt: Checkpoint, layers: list[Layer], device: torch.device,
-                 storage_dtype: torch.dtype, compute_dtype: torch.dtype, progress: bool = False) -> None:
-        self.device, self.compute_dtype = device, compute_dtype
-        shared: dict[tuple[str, ...], torch.Tensor] = {}  # a tied head reuses the embedding's tensor
-        self.layers: list[dict[str, torch.Tensor]] = []
+    def __init__(self, ckpt: Checkpoint, layers: list[Layer], device: torch.device, memory_dtype: torch.dtype,
+                 compute_dtype: torch.dtype, placement: Placement, io: DiskIO | None = None,
+                 offload: OffloadDir | None = None, pin: bool = False, progress: bool = False) -> None:
+        self.device, self.compute_dtype, self.io = device, compute_dtype, io
+        self.pin = pin and device.type == "cuda"
+        self.layers: list[dict[str, _Stored]] = []
+        shared: dict[tuple[str, ...], _Stored] = {}  # a tied head reuses the embedding's weight
+        to_prepare: dict[str, tuple[int, object]] = {}
         for layer in tqdm(layers, desc="loading weights", unit="layer", disable=not progress, leave=False):
-            stored = {}
-            for spec in layer.weight_specs():
-                if spec.sources not in shared:
-                    shared[spec.sources] = _load(ckpt, spec, storage_dtype, device)
-                stored[spec.key] = shared[spec.sources]
-            self.layers.append(stored)
-        self.nbytes = sum(t.nbytes for t in shared.values())
-        self._buffers: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
+            specs = [s for s in layer.weight_specs() if s.sources not in shared]
+            file_dtype = [ckpt.dtype_of(s.sources[0]) for s in specs]
+            sizes = [torch.Size(s.shape).numel() * d.itemsize for s, d in zip(specs, file_dtype)]
+            for spec, tier, fdt in zip(specs, assign_tiers(specs, sizes, placement), file_dtype):
+                shared[spec.sources] = self._place(ckpt, spec, tier, fdt, memory_dtype, to_prepare)
+            self.layers.append({s.key: shared[s.sources] for s in layer.weight_specs()})
+        if to_prepare:  # e.g. pytorch_model.bin: write the disk-placed weights once, then read those files
+            if offload is None:
+                raise CheckpointError("weights placed on disk need an offload folder")
+            regions = offload.prepared({"checkpoint": ckpt.fingerprint()}, to_prepare)
+            for stored in shared.values():
+                if stored.tier == Tier.DISK and stored.regions is None:
+                    stored.regions = [regions[stored.name]]
+        self._all = list(shared.values())
+        self._staging: dict[tuple, torch.Tensor] = {}
+        self._compute: dict[tuple, torch.Tensor] = {}
+        self._pending: dict[int, tuple[Pending, dict[str, torch.Tensor]]] = {}
 
-    def fetch(self, index: int) -> dict[str, torch.Tensor]:
-        """Layer `index`'s weights in the compute dtype; valid until the next `fetch`."""
-        stored = self.layers[index]
-        out = {}
-        for key, t in stored.items():
-            if t.dtype == self.compute_dtype:
-                out[key] = t
-                continue
-            buf = self._buffers.get((t.shape, key))
-            if buf is None:
-                buf = self._buffers[(t.shape, key)] = torch.empty(t.shape, dtype=self.compute_dtype, device=self.device)
-            out[key] = buf.copy_(t)
+    def _place(self, ckpt: Checkpoint, spec: WeightSpec, tier: Tier, file_dtype: torch.dtype,
+               memory_dtype: torch.dtype, to_prepare: dict) -> _Stored:
+        on_cpu = self.device.type == "cpu"
+        _check_shapes(ckpt, spec)
+        if tier == Tier.DISK:
+            stored = _Stored(spec.shape, file_dtype, tier, regions=ckpt.regions(spec.sources),
+                             name="+".join(spec.sources))
+            if stored.regions is None:
+                to_prepare[stored.name] = (stored.nbytes, lambda: _read(ckpt, spec, file_dtype, "cpu"))
+            return stored
+        if tier == Tier.DEVICE and not on_cpu:
+            return _Stored(spec.shape, self.compute_dtype, tier, _read(ckpt, spec, self.compute_dtype, self.device))
+        dtype = memory_dtype if on_cpu else file_dtype  # host weights on CUDA keep the checkpoint dtype
+        t = _read(ckpt, spec, dtype, "cpu")
+        return _Stored(spec.shape, dtype, tier, t.pin_memory() if self.pin else t)
+
+    def bytes_by_tier(self) -> dict[str, int]:
+        out = {t.value: 0 for t in Tier}
+        for s in self._all:
+            out[s.tier.value] += s.nbytes
         return out
 
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self._all if s.tier != Tier.DISK)
 
-def _load(ckpt: Checkpoint, spec: WeightSpec, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def prefetch(self, index: int) -> None:
+        """Start reading layer `index`'s disk weights into its staging slot (index % 2)."""
+        if self.io is None or index in self._pending or not 0 <= index < len(self.layers):
+            return
+        futures, staged = [], {}
+        for key, s in self.layers[index].items():
+            if s.tier == Tier.DISK:
+                buf = self._buffer(self._staging, (index % 2, key, s.shape, s.dtype), s.shape, s.dtype, "cpu",
+                                   self.pin)
+                futures.extend(self.io.read(s.regions, buf).futures)
+                staged[key] = buf
+        self._pending[index] = (Pending(futures), staged)
+
+    def fetch(self, index: int) -> dict[str, torch.Tensor]:
+        """Layer `index`'s weights in the compute dtype on the device; valid until the next `fetch`."""
+        self.prefetch(index)
+        pending, staged = self._pending.pop(index, (Pending([]), {}))
+        pending.wait()
+        out = {}
+        for key, s in self.layers[index].items():
+            src = staged.get(key, s.tensor)
+            if src.dtype == self.compute_dtype and src.device == self.device:
+                out[key] = src
+            else:
+                buf = self._buffer(self._compute, (key, s.shape), s.shape, self.compute_dtype, self.device)
+                out[key] = buf.copy_(src)
+        return out
+
+    @staticmethod
+    def _buffer(pool: dict, key: tuple, shape, dtype, device, pin: bool = False) -> torch.Tensor:
+        buf = pool.get(key)
+        if buf is None:
+            buf = pool[key] = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+        return buf
+
+
+def _read(ckpt: Checkpoint, spec: WeightSpec, dtype: torch.dtype, device) -> torch.Tensor:
+    """A weight built from its checkpoint tensors, one source tensor in RAM at a time."""
     if len(spec.sources) == 1:
-        t = ckpt.tensor(spec.sources[0])
-        _check_shape(ckpt, spec.sources[0], tuple(t.shape), spec.shape)
-        return t.to(device=device, dtype=dtype).contiguous()
+        return ckpt.tensor(spec.sources[0]).to(device=device, dtype=dtype).contiguous()
     out = torch.empty(spec.shape, dtype=dtype, device=device)
     row = 0
-    for name in spec.sources:  # one source tensor in RAM at a time
+    for name in spec.sources:
         t = ckpt.tensor(name)
-        _check_shape(ckpt, name, tuple(t.shape[1:]), spec.shape[1:])
         out[row:row + t.shape[0]].copy_(t)
         row += t.shape[0]
-    _check_shape(ckpt, "+".join(spec.sources), (row, *spec.shape[1:]), spec.shape)
     return out
 
 
-def _check_shape(ckpt: Checkpoint, name: str, got: tuple, want: tuple) -> None:
-    if tuple(got) != tuple(want):
-        raise CheckpointError(f"tensor {name!r} in {ckpt.path} has shape {tuple(got)}, config.json implies "
-                              f"{tuple(want)}: the weights and config.json do not belong together")
+def _check_shapes(ckpt: Checkpoint, spec: WeightSpec) -> None:
+    """The sources concatenate to the spec's shape (checked from headers, before any read)."""
+    shapes = [ckpt.shape_of(name) for name in spec.sources]
+    got = (sum(s[0] for s in shapes), *shapes[0][1:]) if len(shapes) > 1 else shapes[0]
+    if any(s[1:] != shapes[0][1:] for s in shapes) or tuple(got) != tuple(spec.shape):
+        raise CheckpointError(f"tensor {'+'.join(spec.sources)!r} in {ckpt.path} has shape "
+                              f"{' + '.join(str(tuple(s)) for s in shapes)}, config.json implies {spec.shape}: "
+                              "the weights and config.json do not belong together")

@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from runtime.errors import CheckpointError
-from runtime.layers import KVSlot, StepContext, WeightSpec, attention
+from runtime.kernels import linear
+from runtime.layers import StepContext, WeightSpec, attention
 from runtime.spec import ModelSpec
 
 _PREFIX = "model.decoder."
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-                "silu": F.silu}
+_ACTIVATIONS = {"relu": F.relu_, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+                "silu": F.silu}  # relu runs in place: the fc1 output is a temporary
 
 
 def spec_from_config(config: dict) -> ModelSpec:
@@ -95,7 +96,7 @@ class Embedding:
     def forward(self, w, x, ctx: StepContext, cache=None):
         h = F.embedding(x, w["tokens"])  # (B, T, e)
         if "project_in" in w:
-            h = F.linear(h, w["project_in"])  # (B, T, h)
+            h = linear(h, w["project_in"])  # (B, T, h)
         # Pads carry position -1 -> row 1 of the table, exactly as HF computes them.
         return h + F.embedding(ctx.positions + self.spec.position_offset, w["positions"])
 
@@ -125,7 +126,7 @@ class DecoderLayer:
         return (specs + _norm_specs(s, "attn_norm", p + "self_attn_layer_norm")
                 + _norm_specs(s, "mlp_norm", p + "final_layer_norm"))
 
-    def forward(self, w, x, ctx: StepContext, cache: KVSlot | None):
+    def forward(self, w, x, ctx: StepContext, cache):
         s = self.spec
         B, T, h = x.shape
         nh, d = s.num_heads, s.head_dim
@@ -133,20 +134,19 @@ class DecoderLayer:
         residual = x
         if s.norm_before:
             x = _layer_norm(x, w, "attn_norm", s)
-        qkv = F.linear(x, w["qkv.weight"], w.get("qkv.bias"))  # (B, T, 3h)
-        q, k, v = qkv.view(B, T, 3, nh, d).permute(2, 0, 3, 1, 4)  # each (B, nh, T, d)
-        if cache is not None:
-            k, v = cache.update(k, v, ctx.cache_start)  # (B, nh, S, d)
-        a = attention(q, k, v, ctx)  # (B, nh, T, d)
+        qkv = linear(x, w["qkv.weight"], w.get("qkv.bias"))  # (B, T, 3h)
+        q, k, v = qkv.reshape(B, T, 3, nh, d).permute(2, 0, 3, 1, 4)  # each (B, nh, T, d)
+        # the cache appends this step's keys/values and attends over all of them, on whichever tier
+        a = attention(q, k, v, ctx) if cache is None else cache.attend(q, k, v, ctx)  # (B, nh, T, d)
         a = a.transpose(1, 2).reshape(B, T, h)
-        x = residual + F.linear(a, w["out.weight"], w.get("out.bias"))
+        x = residual + linear(a, w["out.weight"], w.get("out.bias"))
         if not s.norm_before:
             x = _layer_norm(x, w, "attn_norm", s)
 
         residual = x
         if s.norm_before:
             x = _layer_norm(x, w, "mlp_norm", s)
-        x = F.linear(self.act(F.linear(x, w["fc1.weight"], w.get("fc1.bias"))), w["fc2.weight"], w.get("fc2.bias"))
+        x = linear(self.act(linear(x, w["fc1.weight"], w.get("fc1.bias"))), w["fc2.weight"], w.get("fc2.bias"))
         x = residual + x
         if not s.norm_before:
             x = _layer_norm(x, w, "mlp_norm", s)
@@ -176,5 +176,5 @@ class Head:
         if self.spec.final_norm:
             x = _layer_norm(x, w, "norm", self.spec)
         if "project_out" in w:
-            x = F.linear(x, w["project_out"])  # (B, T', e)
-        return F.linear(x, w["lm_head"])  # (B, T', vocab)
+            x = linear(x, w["project_out"])  # (B, T', e)
+        return linear(x, w["lm_head"])  # (B, T', vocab)

@@ -68,3 +68,24 @@ def test_importing_harness_does_not_import_torch():
     code = "import harness.cli, runtime, sys; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_generate_with_percent_policy_and_offload_dir(tiny_opt, tmp_path, capsys):
+    path, _ = tiny_opt("pre")
+    base = ["generate", "--model", str(path), "--prompt", "the quick brown", "--max-new-tokens", "6", "--json"]
+    assert main(base) == 0
+    ref = json.loads(capsys.readouterr().out)
+    argv = base + ["--percent", "30", "20", "0", "0", "100", "0", "--offload-dir", str(tmp_path), "--no-overlap"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["prompts"][0]["output_ids"] == ref["prompts"][0]["output_ids"]
+    assert out["policy"]["weights"] == {"device": 0.3, "host": 0.2} and out["policy"]["overlap"] is False
+    assert out["weight_bytes_by_tier"]["disk"] > 0 and out["peak_memory"]["disk"] > 0
+    assert "device fractions count as host RAM" in captured.err
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"gpu_batch_size": 2, "cache": {"disk": 1.0}}))
+    assert main(base + ["--policy", str(policy), "--offload-dir", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["prompts"][0]["output_ids"] == ref["prompts"][0]["output_ids"]
+    assert main(base + ["--policy", '{"weights": {"device": 0.7, "host": 0.7}}']) == 2
+    assert "exceed 1" in capsys.readouterr().err

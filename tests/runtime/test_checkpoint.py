@@ -102,7 +102,7 @@ def test_unsupported_model_type_and_bad_config(tiny_opt, tmp_path):
     (d / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
     with pytest.raises(CheckpointError, match="unsupported model_type 'mamba'.*opt"):
         Engine(d)
-    (d / "config.json").write_text(json.dumps({**cfg, "hidden_size": 64}))
+    (d / "config.json").write_text(json.dumps({**cfg, "ffn_dim": 64}))
     with pytest.raises(CheckpointError, match="has shape .* config.json implies"):
         Engine(d)
     (d / "config.json").write_text("{oops")

@@ -1,0 +1,164 @@
+"""KV cache slots, one per (decoder layer, micro-batch), on the device, in host RAM or on disk.
+
+Every slot has `attend(q, k, v, ctx)`: append this step's keys/values at `ctx.cache_start` and attend
+over everything cached. Memory slots hold (B, kvH, S_max, D) tensors. Disk slots hold a file laid out
+sequence-major, (S_max, B, kvH, D) for keys then values, so appending a step and loading a prefix are
+each one contiguous transfer; they load into one of two alternating staging buffers (the next
+micro-batch's cache loads while this one computes) and write new rows back in the background.
+Host slots on CUDA compute decode attention on the CPU when `cpu_attention` is set: only queries and
+outputs cross the bus, not the cache (FlexGen section 4.2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.disk import DiskIO, Pending, Region
+from runtime.layers import StepContext, attention
+from runtime.offload import OffloadDir
+from runtime.policy import Placement, Tier
+
+
+class KVSlot:
+    """Keys and values in memory: (B, kvH, S_max, D) on `device`."""
+
+    tier = Tier.DEVICE
+
+    def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
+                 compute_device: torch.device, cpu_attention: bool = False) -> None:
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.compute_device = compute_device
+        self.cpu_attention = cpu_attention and device != compute_device
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """q (B, H, T, D), k/v (B, kvH, T, D) of this step -> attention output (B, H, T, D)."""
+        end = ctx.cache_start + k.shape[2]
+        self.k[:, :, ctx.cache_start:end] = k
+        self.v[:, :, ctx.cache_start:end] = v
+        return _attend_at(q, self.k[:, :, :end], self.v[:, :, :end], ctx, self.compute_device, self.cpu_attention)
+
+    def prefetch(self, start: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class DiskKVSlot:
+    """Keys and values in a scratch file, (S_max, B, kvH, D) each, staged through a shared `StagingRing`."""
+
+    tier = Tier.DISK
+
+    def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, path, io: DiskIO,
+                 ring: StagingRing, compute_device: torch.device, cpu_attention: bool) -> None:
+        B, kvh, S, D = shape
+        self.rows = (S, B, kvh, D)
+        self.row_bytes = B * kvh * D * dtype.itemsize
+        self.path, self.io, self.ring, self.dtype = path, io, ring, dtype
+        self.compute_device, self.cpu_attention = compute_device, cpu_attention
+        self._loaded: tuple[int, torch.Tensor, Pending] | None = None  # (rows, staging, pending read)
+
+    def _region(self, which: int, start: int, end: int) -> Region:
+        plane = self.rows[0] * self.row_bytes
+        return Region(self.path, which * plane + start * self.row_bytes, (end - start) * self.row_bytes)
+
+    def prefetch(self, start: int) -> None:
+        """Start loading the first `start` cached positions into a staging buffer."""
+        if self._loaded is not None and self._loaded[0] == start:
+            return
+        buf = self.ring.acquire((2, *self.rows), self.dtype)  # (2, S, B, kvH, D); waits for its earlier writes
+        reads = [self.io.read([self._region(i, 0, start)], buf[i, :start]) for i in (0, 1)] if start else []
+        self._loaded = (start, buf, Pending([f for r in reads for f in r.futures]))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        start, end = ctx.cache_start, ctx.cache_start + k.shape[2]
+        self.prefetch(start)
+        _, buf, pending = self._loaded
+        self._loaded = None
+        pending.wait()
+        buf[0, start:end] = k.permute(2, 0, 1, 3)  # (T, B, kvH, D)
+        buf[1, start:end] = v.permute(2, 0, 1, 3)
+        writes = [self.io.write(self._region(i, start, end), buf[i, start:end]) for i in (0, 1)]
+        self.ring.release(buf, writes)
+        keys = buf[0, :end].permute(1, 2, 0, 3)  # (B, kvH, end, D)
+        values = buf[1, :end].permute(1, 2, 0, 3)
+        return _attend_at(q, keys, values, ctx, self.compute_device, self.cpu_attention)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.rows[0] * self.row_bytes
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class StagingRing:
+    """Two host buffers per shape, used in turn; a buffer is reused only after its pending writes finish."""
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self._bufs: dict[tuple, list] = {}
+        self._writes: dict[int, list[Pending]] = {}
+
+    def acquire(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        key = (shape, dtype)
+        ring = self._bufs.setdefault(key, [[], 0])
+        if len(ring[0]) < 2:
+            ring[0].append(torch.empty(shape, dtype=dtype, pin_memory=self.pin))
+        buf = ring[0][ring[1] % len(ring[0])]
+        ring[1] += 1
+        for w in self._writes.pop(id(buf), []):
+            w.wait()
+        return buf
+
+    def release(self, buf: torch.Tensor, writes: list[Pending]) -> None:
+        self._writes.setdefault(id(buf), []).extend(writes)
+
+    def drain(self) -> None:
+        for writes in self._writes.values():
+            for w in writes:
+                w.wait()
+        self._writes.clear()
+
+
+def _attend_at(q, k, v, ctx: StepContext, compute_device: torch.device, cpu_attention: bool) -> torch.Tensor:
+    if k.device == q.device:
+        return attention(q, k, v, ctx)
+    if cpu_attention:  # compute where the cache is (fp32 on the CPU: fp16 matmuls crawl there)
+        mask = None if ctx.attn_mask is None else ctx.attn_mask.cpu()
+        cpu_ctx = StepContext(ctx.positions, mask, ctx.cache_start, ctx.logit_positions)
+        out = attention(q.float().cpu(), k.float(), v.float(), cpu_ctx)
+        return out.to(q.device, q.dtype)
+    return attention(q, k.to(q.device, non_blocking=True), v.to(q.device, non_blocking=True), ctx)
+
+
+_files = 0  # scratch file counter
+
+
+def make_caches(batches: list[int], layers: list, spec, max_len: int, placement: Placement,
+                dtype: torch.dtype, device: torch.device, io: DiskIO | None, offload: OffloadDir | None,
+                ring: StagingRing | None, cpu_attention: bool) -> list[dict[int, object]]:
+    """One slot per (layer with a cache, micro-batch), placed by (layer, micro-batch) order over the tiers."""
+    global _files
+    cached = [i for i, layer in enumerate(layers) if layer.has_cache]
+    total = len(cached) * len(batches)
+    caches: list[dict[int, object]] = [{} for _ in batches]
+    for n, (i, k) in enumerate((i, k) for i in cached for k in range(len(batches))):
+        shape = (batches[k], spec.num_kv_heads, max_len, spec.head_dim)
+        tier = placement.choose((n + 0.5) / total)
+        if tier == Tier.DISK:
+            nbytes = 2 * torch.Size(shape).numel() * dtype.itemsize
+            _files += 1
+            path = offload.scratch_file(f"kv-{_files}.bin", nbytes)
+            caches[k][i] = DiskKVSlot(shape, dtype, path, io, ring, device, cpu_attention)
+        else:
+            where = device if tier == Tier.DEVICE else torch.device("cpu")
+            slot = KVSlot(shape, dtype, where, device, cpu_attention)
+            slot.tier = tier
+            caches[k][i] = slot
+    return caches
