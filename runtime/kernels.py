@@ -23,4 +23,5 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
         return F.linear(x, w, b)
     x2 = x.reshape(m, x.shape[-1])  # (m, K)
     out = torch.mm(w, x2.t()) if b is None else torch.addmm(b[:, None], w, x2.t())  # (N, m)
-    return out.t().reshape(*x.shape[:-1], w.shape[0])  # (..., N)
+    # contiguous rows again: later kernels (SDPA's flash path) need a unit stride on the last dim
+    return out.t().contiguous().reshape(*x.shape[:-1], w.shape[0])  # (..., N)

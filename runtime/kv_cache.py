@@ -24,12 +24,11 @@ class KVSlot:
 
     tier = Tier.DEVICE
 
-    def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
-                 compute_device: torch.device, cpu_attention: bool = False) -> None:
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, compute_device: torch.device,
+                 cpu_attention: bool = False) -> None:
+        self.k, self.v = k, v  # (B, kvH, S_max, D) each, from the runner's pool
         self.compute_device = compute_device
-        self.cpu_attention = cpu_attention and device != compute_device
+        self.cpu_attention = cpu_attention and k.device != compute_device
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """q (B, H, T, D), k/v (B, kvH, T, D) of this step -> attention output (B, H, T, D)."""
@@ -142,7 +141,7 @@ _files = 0  # scratch file counter
 
 def make_caches(batches: list[int], layers: list, spec, max_len: int, placement: Placement,
                 dtype: torch.dtype, device: torch.device, io: DiskIO | None, offload: OffloadDir | None,
-                ring: StagingRing | None, cpu_attention: bool) -> list[dict[int, object]]:
+                ring: StagingRing | None, cpu_attention: bool, alloc) -> list[dict[int, object]]:
     """One slot per (layer with a cache, micro-batch), placed by (layer, micro-batch) order over the tiers."""
     global _files
     cached = [i for i, layer in enumerate(layers) if layer.has_cache]
@@ -158,7 +157,7 @@ def make_caches(batches: list[int], layers: list, spec, max_len: int, placement:
             caches[k][i] = DiskKVSlot(shape, dtype, path, io, ring, device, cpu_attention)
         else:
             where = device if tier == Tier.DEVICE else torch.device("cpu")
-            slot = KVSlot(shape, dtype, where, device, cpu_attention)
+            slot = KVSlot(alloc(shape, dtype, where), alloc(shape, dtype, where), device, cpu_attention)
             slot.tier = tier
             caches[k][i] = slot
     return caches
