@@ -31,7 +31,8 @@ class Activations:
     def put(self, k: int, x: torch.Tensor, offload: bool) -> None:
         """Keep micro-batch k's new hidden states (B, T, h), on disk when placed there and `offload`."""
         if self.files[k] is None or not offload:
-            self.mem[k] = x
+            # on CUDA, host-placed activations wait in host RAM; on a CPU host, device and host are one
+            self.mem[k] = x.to("cpu") if offload and self.tiers[k] == Tier.HOST else x
             return
         host = x.to("cpu").contiguous()  # (B, T, h)
         self.mem[k], self.meta[k] = None, (tuple(host.shape), host.dtype)
@@ -51,7 +52,7 @@ class Activations:
 
     def get(self, k: int) -> torch.Tensor:
         if self.mem[k] is not None:
-            return self.mem[k]
+            return self.mem[k].to(self.device)
         self.prefetch(k)
         buf, pending = self.loads.pop(k)
         pending.wait()

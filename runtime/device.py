@@ -15,11 +15,17 @@ from runtime.errors import PolicyError
 
 
 def resolve_device(name: str) -> torch.device:
+    """A concrete device (`cuda` becomes `cuda:N`, so it compares equal to tensors' devices)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PolicyError(f"device {name!r} was asked for but this machine has no CUDA device; use --device cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PolicyError(f"device {name!r} was asked for but this machine has no CUDA device; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise PolicyError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
