@@ -268,9 +268,12 @@ class Engine:
                              "shorten the prompt or ask for fewer tokens")
 
     def _stats(self, timer: _Timer, prompt_tokens: int, generated: int) -> CallStats:
+        weights = self.weights.bytes_by_tier()
+        planned = {tier: weights[tier] + self.runner.cache_peak[tier] for tier in weights}
         peaks = self._memory.read()
-        peaks["disk"] = self.weights.bytes_by_tier()["disk"] + self.runner.disk_peak
-        return CallStats(timer.totals["prefill"], timer.totals["decode"], prompt_tokens, generated, peaks)
+        peaks["disk"] = planned["disk"]  # offloaded weights and the cache files written
+        return CallStats(timer.totals["prefill"], timer.totals["decode"], prompt_tokens, generated, peaks,
+                         planned)
 
 
 class _Timer:

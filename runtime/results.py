@@ -18,7 +18,9 @@ class CallStats:
     generated_tokens: int
     """Tokens generated, each sequence counted up to and including the token that finished it."""
     peak_memory: dict[str, int] = field(default_factory=dict)
-    """Peak bytes per tier during the call (`host`: peak RSS; `device`: CUDA allocations)."""
+    """Peak bytes per tier during the call (`host`: peak RSS; `device`: CUDA allocations; `disk`: offloaded)."""
+    planned_memory: dict[str, int] = field(default_factory=dict)
+    """Bytes the policy placed on each tier: weights plus the largest KV cache (on a CPU host, device = RAM)."""
 
     @property
     def throughput(self) -> float:
@@ -29,7 +31,7 @@ class CallStats:
     def to_json(self) -> dict:
         return {"prefill_s": self.prefill_s, "decode_s": self.decode_s, "prompt_tokens": self.prompt_tokens,
                 "generated_tokens": self.generated_tokens, "throughput_tok_s": self.throughput,
-                "peak_memory": dict(self.peak_memory)}
+                "peak_memory": dict(self.peak_memory), "planned_memory": dict(self.planned_memory)}
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ class BlockRunner:
         self.layers, self.weights, self.spec, self.policy = layers, weights, spec, policy
         self.device, self.dtype, self.io, self.offload = device, dtype, io, offload
         self.ring = StagingRing(pin=policy.pin_host_memory and device.type == "cuda")
-        self.disk_peak = 0
+        self.cache_peak = {"device": 0, "host": 0, "disk": 0}  # largest KV cache per tier so far
         # Cache tensors are reused across calls: a fresh allocation page-faults on its first write,
         # which cost ~5% of a prefill here.
         self._pool: dict[tuple, list[torch.Tensor]] = {}
@@ -66,8 +66,9 @@ class BlockRunner:
 
         caches = make_caches(batches, self.layers, self.spec, max_len, self.policy.cache, self.dtype, self.device,
                              self.io, self.offload, self.ring, self.policy.cpu_attention, self._alloc)
-        on_disk = sum(s.nbytes for c in caches for s in c.values() if s.tier.value == "disk")
-        self.disk_peak = max(self.disk_peak, on_disk)
+        for tier in self.cache_peak:
+            placed = sum(s.nbytes for c in caches for s in c.values() if s.tier.value == tier)
+            self.cache_peak[tier] = max(self.cache_peak[tier], placed)
         return caches
 
     def close_caches(self, caches: list[dict[int, object]]) -> None:
