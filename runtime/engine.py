@@ -142,7 +142,7 @@ class Engine:
             timer.start()
             pos = batching.positions(valid)
             ctxs = [StepContext(pos[mb], batching.prefill_mask(valid[mb]), 0,
-                                None if all_prefill_logits else slice(T - 1, T)) for mb in mbs]
+                                None if all_prefill_logits else slice(T - 1, T), self.dtype) for mb in mbs]
             logits = _cat(self.runner.forward([ids[mb] for mb in mbs], ctxs, caches))
             next_ids = choose(0, logits)
             timer.stop("prefill")
@@ -158,7 +158,7 @@ class Engine:
                 for mb in mbs:
                     v = full_valid[mb, :S]
                     mask = None if bool(v.all()) else v[:, None, None, :]  # (b, 1, 1, S)
-                    ctxs.append(StepContext(last_pos[mb, None], mask, S - 1, None))
+                    ctxs.append(StepContext(last_pos[mb, None], mask, S - 1, None, self.dtype))
                 xs = [next_ids[mb, None] for mb in mbs]  # (b, 1)
                 logits = _cat(self.runner.forward(xs, ctxs, caches))
                 next_ids = choose(step, logits)
@@ -227,7 +227,7 @@ class Engine:
                 T = ids.shape[1]
                 pos = batching.positions(valid)
                 mbs = batching.split(block, self.policy.gpu_batch_size)
-                ctxs = [StepContext(pos[mb], batching.prefill_mask(valid[mb]), 0) for mb in mbs]
+                ctxs = [StepContext(pos[mb], batching.prefill_mask(valid[mb]), 0, None, self.dtype) for mb in mbs]
                 hidden = self.runner.forward([ids[mb] for mb in mbs], ctxs, None, stop=head)
                 w = self.weights.fetch(head)
                 for mb, h in zip(mbs, hidden):
@@ -236,7 +236,7 @@ class Engine:
                     chunk = max(1, _LOGIT_CHUNK // (len(rows) * self.spec.vocab_size))
                     for start in range(T - c_max, T, chunk):
                         end = min(start + chunk, T)
-                        ctx = StepContext(pos[mb], None, 0, slice(start, end))
+                        ctx = StepContext(pos[mb], None, 0, slice(start, end), self.dtype)
                         lp = torch.log_softmax(self.layers[head].forward(w, h, ctx, None).float(), -1)  # (b, t, V)
                         self._collect(lp, start, T, rows, continuations, per_token, greedy)
                 timer.stop("prefill")

@@ -11,6 +11,8 @@ outputs cross the bus, not the cache (FlexGen section 4.2).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from runtime.disk import DiskIO, Pending, Region
@@ -130,7 +132,7 @@ def _attend_at(q, k, v, ctx: StepContext, compute_device: torch.device, cpu_atte
         return attention(q, k, v, ctx)
     if cpu_attention:  # compute where the cache is (fp32 on the CPU: fp16 matmuls crawl there)
         mask = None if ctx.attn_mask is None else ctx.attn_mask.cpu()
-        cpu_ctx = StepContext(ctx.positions, mask, ctx.cache_start, ctx.logit_positions)
+        cpu_ctx = dataclasses.replace(ctx, attn_mask=mask, dtype=torch.float32)
         out = attention(q.float().cpu(), k.float(), v.float(), cpu_ctx)
         return out.to(q.device, q.dtype)
     return attention(q, k.to(q.device, non_blocking=True), v.to(q.device, non_blocking=True), ctx)

@@ -25,6 +25,9 @@ class WeightSpec:
     """Shape after concatenation."""
     sources: tuple[str, ...]
     """Checkpoint tensor names, concatenated along dim 0 (fused q/k/v) in this order."""
+    lookup: bool = False
+    """A table the layer only indexes (embeddings): fetched in its stored dtype, the layer casts the rows it
+    takes, so a 50k x h table is never converted whole."""
 
 
 @dataclass
@@ -39,6 +42,8 @@ class StepContext:
     """Index in the cache where this step's keys and values go (= tokens already cached)."""
     logit_positions: slice | None = None
     """Positions of the new tokens whose logits the head computes (None = all)."""
+    dtype: torch.dtype = torch.float32
+    """Compute dtype of activations."""
 
 
 class Layer(Protocol):

@@ -58,6 +58,7 @@ class WeightStore:
         self.device, self.compute_dtype, self.io = device, compute_dtype, io
         self.pin = pin and device.type == "cuda"
         self.layers: list[dict[str, _Stored]] = []
+        self.lookups: list[set[str]] = []  # per layer, the tables fetched in their stored dtype
         shared: dict[tuple[str, ...], _Stored] = {}  # a tied head reuses the embedding's weight
         to_prepare: dict[str, tuple[int, object]] = {}
         for layer in tqdm(layers, desc="loading weights", unit="layer", disable=not progress, leave=False):
@@ -67,6 +68,7 @@ class WeightStore:
             for spec, tier, fdt in zip(specs, assign_tiers(specs, sizes, placement), file_dtype):
                 shared[spec.sources] = self._place(ckpt, spec, tier, fdt, memory_dtype, to_prepare)
             self.layers.append({s.key: shared[s.sources] for s in layer.weight_specs()})
+            self.lookups.append({s.key for s in layer.weight_specs() if s.lookup})
         if to_prepare:  # e.g. pytorch_model.bin: write the disk-placed weights once, then read those files
             if offload is None:
                 raise CheckpointError("weights placed on disk need an offload folder")
@@ -110,9 +112,9 @@ class WeightStore:
         if self.io is None or index in self._pending or not 0 <= index < len(self.layers):
             return
         futures, staged = [], {}
-        for key, s in self.layers[index].items():
+        for (key, s), nth in zip(self.layers[index].items(), _nth_of_shape(self.layers[index].values())):
             if s.tier == Tier.DISK:
-                buf = self._buffer(self._staging, (index % 2, key, s.shape, s.dtype), s.shape, s.dtype, "cpu",
+                buf = self._buffer(self._staging, (index % 2, s.shape, s.dtype, nth), s.shape, s.dtype, "cpu",
                                    self.pin)
                 futures.extend(self.io.read(s.regions, buf).futures)
                 staged[key] = buf
@@ -124,12 +126,13 @@ class WeightStore:
         pending, staged = self._pending.pop(index, (Pending([]), {}))
         pending.wait()
         out = {}
-        for key, s in self.layers[index].items():
+        for (key, s), nth in zip(self.layers[index].items(), _nth_of_shape(self.layers[index].values())):
             src = staged.get(key, s.tensor)
-            if src.dtype == self.compute_dtype and src.device == self.device:
+            dtype = src.dtype if key in self.lookups[index] else self.compute_dtype
+            if src.dtype == dtype and src.device == self.device:
                 out[key] = src
-            else:
-                buf = self._buffer(self._compute, (key, s.shape), s.shape, self.compute_dtype, self.device)
+            else:  # buffers are shared by weights of one shape and rank across layers (a tied head too)
+                buf = self._buffer(self._compute, (s.shape, dtype, nth), s.shape, dtype, self.device)
                 out[key] = buf.copy_(src)
         return out
 
@@ -139,6 +142,16 @@ class WeightStore:
         if buf is None:
             buf = pool[key] = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
         return buf
+
+
+def _nth_of_shape(weights) -> list[int]:
+    """For each weight, how many earlier weights of its layer have the same shape (buffer keys)."""
+    seen: dict[tuple, int] = {}
+    out = []
+    for s in weights:
+        out.append(seen.get(s.shape, 0))
+        seen[s.shape] = out[-1] + 1
+    return out
 
 
 def _read(ckpt: Checkpoint, spec: WeightSpec, dtype: torch.dtype, device) -> torch.Tensor:

@@ -86,19 +86,19 @@ class Embedding:
 
     def weight_specs(self) -> list[WeightSpec]:
         s = self.spec
-        specs = [WeightSpec("tokens", (s.vocab_size, s.embed_dim), (_PREFIX + "embed_tokens.weight",)),
+        specs = [WeightSpec("tokens", (s.vocab_size, s.embed_dim), (_PREFIX + "embed_tokens.weight",), lookup=True),
                  WeightSpec("positions", (s.max_positions + s.position_offset, s.hidden_size),
-                            (_PREFIX + "embed_positions.weight",))]
+                            (_PREFIX + "embed_positions.weight",), lookup=True)]
         if s.embed_dim != s.hidden_size:
             specs.append(WeightSpec("project_in", (s.hidden_size, s.embed_dim), (_PREFIX + "project_in.weight",)))
         return specs
 
     def forward(self, w, x, ctx: StepContext, cache=None):
-        h = F.embedding(x, w["tokens"])  # (B, T, e)
+        h = F.embedding(x, w["tokens"]).to(ctx.dtype)  # (B, T, e)
         if "project_in" in w:
             h = linear(h, w["project_in"])  # (B, T, h)
         # Pads carry position -1 -> row 1 of the table, exactly as HF computes them.
-        return h + F.embedding(ctx.positions + self.spec.position_offset, w["positions"])
+        return h + F.embedding(ctx.positions + self.spec.position_offset, w["positions"]).to(ctx.dtype)
 
 
 class DecoderLayer:
