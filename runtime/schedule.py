@@ -26,7 +26,12 @@ def run_layers(layers: list[Layer], weights: WeightStore, acts: Activations, con
     for i, layer in enumerate(run):
         w = weights.fetch(i)
         if overlap:
-            weights.prefetch(i + 1)  # read the next layer's weights while this one computes
+            for ahead in range(1, weights.depth + 1):  # read the next layers' weights while this one computes
+                nxt = i + ahead
+                if nxt < len(run):
+                    weights.prefetch(nxt)
+                elif i == last:  # the head computes: the next step starts again at layer 0
+                    weights.prefetch(nxt - len(layers))
         for k, ctx in enumerate(contexts):
             if overlap:
                 _prefetch_next(i, k, nb, run, acts, contexts, caches)

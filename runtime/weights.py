@@ -57,6 +57,7 @@ class WeightStore:
                  offload: OffloadDir | None = None, pin: bool = False, progress: bool = False) -> None:
         self.device, self.compute_dtype, self.io = device, compute_dtype, io
         self.pin = pin and device.type == "cuda"
+        self.depth = 1  # layers read ahead of the one computing
         self.layers: list[dict[str, _Stored]] = []
         self.lookups: list[set[str]] = []  # per layer, the tables fetched in their stored dtype
         shared: dict[tuple[str, ...], _Stored] = {}  # a tied head reuses the embedding's weight
@@ -79,7 +80,8 @@ class WeightStore:
         self._all = list(shared.values())
         self._staging: dict[tuple, torch.Tensor] = {}
         self._compute: dict[tuple, torch.Tensor] = {}
-        self._pending: dict[int, tuple[Pending, dict[str, torch.Tensor]]] = {}
+        self._pending: dict[int, tuple[Pending, dict[str, torch.Tensor], int]] = {}  # layer -> reads, buffers, slot
+        self._turn = 0
 
     def _place(self, ckpt: Checkpoint, spec: WeightSpec, tier: Tier, file_dtype: torch.dtype,
                memory_dtype: torch.dtype, to_prepare: dict) -> _Stored:
@@ -108,22 +110,34 @@ class WeightStore:
         return sum(s.nbytes for s in self._all if s.tier != Tier.DISK)
 
     def prefetch(self, index: int) -> None:
-        """Start reading layer `index`'s disk weights into its staging slot (index % 2)."""
+        """Start reading layer `index`'s disk weights into the next of `depth + 1` staging slots, used in turn.
+
+        Weights never change, so a read that was prefetched and not yet fetched stays valid until its slot is
+        taken again; then it is dropped (waited for and forgotten) and a later fetch reads it anew."""
         if self.io is None or index in self._pending or not 0 <= index < len(self.layers):
             return
+        disk = [(key, s, nth) for (key, s), nth in zip(self.layers[index].items(),
+                                                       _nth_of_shape(self.layers[index].values()))
+                if s.tier == Tier.DISK]
+        if not disk:
+            return
+        slot = self._turn % (self.depth + 1)
+        self._turn += 1
+        for other, (pending, _, other_slot) in list(self._pending.items()):
+            if other_slot == slot:
+                pending.wait()
+                del self._pending[other]
         futures, staged = [], {}
-        for (key, s), nth in zip(self.layers[index].items(), _nth_of_shape(self.layers[index].values())):
-            if s.tier == Tier.DISK:
-                buf = self._buffer(self._staging, (index % 2, s.shape, s.dtype, nth), s.shape, s.dtype, "cpu",
-                                   self.pin)
-                futures.extend(self.io.read(s.regions, buf).futures)
-                staged[key] = buf
-        self._pending[index] = (Pending(futures), staged)
+        for key, s, nth in disk:
+            buf = self._buffer(self._staging, (slot, s.shape, s.dtype, nth), s.shape, s.dtype, "cpu", self.pin)
+            futures.extend(self.io.read(s.regions, buf).futures)
+            staged[key] = buf
+        self._pending[index] = (Pending(futures), staged, slot)
 
     def fetch(self, index: int) -> dict[str, torch.Tensor]:
         """Layer `index`'s weights in the compute dtype on the device; valid until the next `fetch`."""
         self.prefetch(index)
-        pending, staged = self._pending.pop(index, (Pending([]), {}))
+        pending, staged, _ = self._pending.pop(index, (Pending([]), {}, None))
         pending.wait()
         out = {}
         for (key, s), nth in zip(self.layers[index].items(), _nth_of_shape(self.layers[index].values())):

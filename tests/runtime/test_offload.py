@@ -147,3 +147,20 @@ def test_placement_choose_and_validation():
     assert Policy.from_json(pol.to_json()) == pol
     with pytest.raises(PolicyError, match="unknown policy fields"):
         Policy.from_json({"batch": 3})
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_prefetch_depth_and_interleaved_calls_never_use_stale_buffers(tiny_opt, reference, tmp_path, depth):
+    path, _ = tiny_opt("pre")
+    engine = Engine(path, Policy(gpu_batch_size=2, weights=Placement(0, 0)), offload_dir=tmp_path)
+    engine.weights.depth = depth
+    ref_engine = Engine(path)
+    contexts, conts = [[5, 6, 7], [8, 9]], [[10, 11], [12]]
+    want = [s.logprob for s in ref_engine.score(contexts, conts).scores]
+    for _ in range(2):  # generate leaves layer 0 prefetched; score stops before the head, and so on
+        gens = engine.generate(PROMPTS, 10, stop_at_eos=False).generations
+        assert [g.output_ids for g in gens] == [g.output_ids for g in reference[1]]
+        assert [s.logprob for s in engine.score(contexts, conts).scores] == pytest.approx(want, abs=1e-5)
+        rolled = engine.score_rolling([list(range(3, 40))], window=8)
+        want_rolled = ref_engine.score_rolling([list(range(3, 40))], window=8).token_logprobs[0]
+        assert rolled.token_logprobs[0] == pytest.approx(want_rolled, abs=1e-5)
