@@ -1,4 +1,4 @@
-"""Sessions: `tests` (the fast suite CI runs), `lint` (ruff), `bench` (W1a, W1b)."""
+"""Sessions: `tests` (the fast suite CI runs), `lint` (ruff), `bench` (W1a, W1b, W2)."""
 
 import nox
 
@@ -34,5 +34,5 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     _install(session, "bench")
-    for name in session.posargs or ["W1a", "W1b"]:
+    for name in session.posargs or ["W1a", "W1b", "W2"]:
         session.run("flexhelm", "bench", name, env=OFFLINE)

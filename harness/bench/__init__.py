@@ -8,6 +8,7 @@ and transformers are imported when a workload runs.
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -27,10 +28,10 @@ def run(name: str, out_dir: Path = Path("results/bench"), quick: bool = False) -
     if name not in BY_NAME:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BY_NAME))}")
     os.environ.update(_OFFLINE_ENV)
-    from harness.bench import w1  # heavy imports (torch, transformers) only once a workload runs
-
     workload = BY_NAME[name].shrink() if quick else BY_NAME[name]
-    return w1.run(workload, Path(out_dir))
+    # heavy imports (torch, transformers) only once a workload runs
+    module = importlib.import_module(f"harness.bench.{workload.module}")
+    return module.run(workload, Path(out_dir))
 
 
 __all__ = ["WORKLOADS", "run"]

@@ -62,7 +62,8 @@ class OtherLoad:
     """CPU time that other processes used while a benchmark ran, in cores on average.
 
     The load average would count this process too; this subtracts it: (busy jiffies of the whole machine
-    - this process's CPU time) / wall time. Linux only; None elsewhere.
+    - this process's CPU time, and its children's once they have exited) / wall time, so read it after
+    joining any worker processes. Linux only; None elsewhere.
     """
 
     def __init__(self) -> None:
@@ -84,5 +85,6 @@ class OtherLoad:
             return None
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
         ticks = os.sysconf("SC_CLK_TCK")
-        own = os.times()
-        return (sum(fields[:8]) - idle) / ticks, own.user + own.system, time.monotonic()
+        t = os.times()
+        own = t.user + t.system + t.children_user + t.children_system
+        return (sum(fields[:8]) - idle) / ticks, own, time.monotonic()

@@ -12,21 +12,21 @@ from pathlib import Path
 
 from harness.bench.measure import Row, median_row
 
-COLUMNS = ["engine", "rep", "wall_s", "prefill_s", "decode_s", "tokens", "throughput"]
-
 
 def write_csv(rows: Sequence[Row], path: Path) -> Path:
+    """One line per row; the columns are the union of the rows' fields (subclasses of `Row` add some)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     records = [r.to_dict() for r in rows]
+    columns = list(dict.fromkeys(k for r in records for k in r))
     try:
         import pandas as pd
     except ImportError:
         with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(records)
     else:
-        pd.DataFrame.from_records(records, columns=COLUMNS).to_csv(path, index=False)
+        pd.DataFrame.from_records(records, columns=columns).to_csv(path, index=False)
     return path
 
 

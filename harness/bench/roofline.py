@@ -16,12 +16,17 @@ Roofline time = sum over the prefill step and each decode step of max(compute, m
 - memory = bytes read / RAM bandwidth: every fp32 weight once per step (the engine computes in fp32, so
   the fp16 checkpoint is converted at load) plus the whole KV cache after the step's write. RAM
   bandwidth is measured by summing a large fp32 tensor.
+- disk (offloading workloads only): the weight bytes that cannot stay in RAM, read once per step, over
+  the disk's sequential read bandwidth (O_DIRECT, so the page cache cannot inflate it).
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +58,8 @@ class Machine:
     gemm_flops: dict[int, float]
     """m -> best fp32 FLOP/s over the model's weight shapes at that m."""
     ram_bytes_per_s: float
+    disk_bytes_per_s: float = 0.0
+    """Sequential read bandwidth of the disk; 0 when not measured (nothing is read from disk)."""
 
 
 def generate_steps(batch: int, prompt_len: int, output_len: int) -> list[Step]:
@@ -73,34 +80,44 @@ def attention_flops(arch: Arch, step: Step) -> int:
     return 2 * 2 * step.batch * arch.heads * pairs * arch.head_dim * arch.layers
 
 
-def bytes_read(arch: Arch, step: Step) -> int:
+def weight_params(arch: Arch) -> int:
+    """Parameters that every step reads (position table and final norm left out: a lower bound)."""
     h, f = arch.hidden, arch.ffn
     per_layer = 4 * h * h + 2 * h * f + (3 * h + h + f + h) + 4 * h  # weights, biases, 2 norms
-    weights = arch.layers * per_layer + arch.vocab * h  # + the (tied) head
-    kv_cache = arch.layers * 2 * step.batch * step.kv_len * h
-    return _FP32 * (weights + kv_cache)
+    return arch.layers * per_layer + arch.vocab * h  # + the (tied) head
 
 
-def step_time(arch: Arch, step: Step, machine: Machine) -> float:
+def bytes_read(arch: Arch, step: Step) -> int:
+    kv_cache = arch.layers * 2 * step.batch * step.kv_len * arch.hidden
+    return _FP32 * (weight_params(arch) + kv_cache)
+
+
+def step_time(arch: Arch, step: Step, machine: Machine, disk_bytes: int = 0) -> float:
+    """Roofline seconds of one step that also reads `disk_bytes` of weights from disk."""
     compute = sum(count * 2 * m * k * n / machine.gemm_flops[m] for m, k, n, count in gemms(arch, step))
     compute += attention_flops(arch, step) / machine.gemm_flops[step.m]
-    return max(compute, bytes_read(arch, step) / machine.ram_bytes_per_s)
+    disk = disk_bytes / machine.disk_bytes_per_s if disk_bytes else 0.0
+    return max(compute, bytes_read(arch, step) / machine.ram_bytes_per_s, disk)
 
 
-def roofline(arch: Arch, steps: list[Step], machine: Machine) -> tuple[float, float]:
-    """(prefill seconds, decode seconds) at the roofline; steps[0] is the prefill."""
-    times = [step_time(arch, s, machine) for s in steps]
+def roofline(arch: Arch, steps: list[Step], machine: Machine, disk_bytes: int = 0) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) at the roofline; steps[0] is the prefill; every step reads
+    `disk_bytes` of weights from disk."""
+    times = [step_time(arch, s, machine, disk_bytes) for s in steps]
     return times[0], sum(times[1:])
 
 
-def measure(arch: Arch, steps: list[Step], ram_probe_bytes: int, reps: int = 5) -> Machine:
-    """GEMM peak at every m the steps use, over the shapes used at that m, and the RAM bandwidth."""
+def measure(arch: Arch, steps: list[Step], ram_probe_bytes: int, reps: int = 5,
+            disk_file: Path | None = None) -> Machine:
+    """GEMM peak at every m the steps use, over the shapes used at that m, the RAM bandwidth and, given
+    `disk_file`, the disk bandwidth read from it."""
     shapes_at: dict[int, set[tuple[int, int]]] = {}
     for step in steps:
         for m, k, n, _ in gemms(arch, step):
             shapes_at.setdefault(m, set()).add((k, n))
     peaks = {m: max(gemm_flops_per_s(m, k, n, reps) for k, n in sorted(shapes)) for m, shapes in shapes_at.items()}
-    return Machine(peaks, ram_bandwidth(ram_probe_bytes, reps))
+    disk = disk_bandwidth(disk_file) if disk_file is not None else 0.0
+    return Machine(peaks, ram_bandwidth(ram_probe_bytes, reps), disk)
 
 
 def gemm_flops_per_s(m: int, k: int, n: int, reps: int) -> float:
@@ -117,8 +134,37 @@ def ram_bandwidth(nbytes: int, reps: int) -> float:
         return t.nbytes / _best_time(t.sum, reps)
 
 
-def _best_time(fn, reps: int) -> float:
-    fn()
+def disk_bandwidth(path: Path, limit: int = 2**30, reps: int = 2, block: int = 16 * 2**20) -> float:
+    """Bytes/s of a sequential read of the first `limit` bytes of `path`, best of `reps`: O_DIRECT in
+    `block`-sized reads into an aligned buffer, so every byte comes from the device (a file system that
+    refuses O_DIRECT gets a buffered read after its pages are evicted)."""
+    from harness.bench.pagecache import evict
+
+    buf = mmap.mmap(-1, block)  # anonymous mappings are page-aligned, as O_DIRECT needs
+    size = min(max(block, limit // block * block), path.stat().st_size)  # whole blocks, or the whole file
+
+    def read() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        except OSError:
+            evict([path])
+            fd = os.open(path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < size:
+                got = os.preadv(fd, [buf], done)
+                if got <= 0:
+                    break
+                done += got
+        finally:
+            os.close(fd)
+
+    return size / _best_time(read, reps, warm_up=False)
+
+
+def _best_time(fn, reps: int, warm_up: bool = True) -> float:
+    if warm_up:
+        fn()
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()

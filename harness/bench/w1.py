@@ -44,7 +44,7 @@ def run(w: Workload, out_dir: Path) -> str:
     ratio = median_ratio(pairs, lambda r: r.throughput)
     fraction = roof.busy_s / statistics.median(r.busy_s for r in ours_rows)
     _print_record(w.name, ours_rows, hf_rows, roof, machine, pairs)
-    _print_other_load(w.name, other.cores())
+    print_other_load(w.name, other.cores())
 
     rows = [*ours_rows, *hf_rows, roof]
     print(f"{w.name} wrote {report.write_csv(rows, out_dir / f'{w.name}.csv')}")
@@ -68,44 +68,51 @@ def ours_runner(path: Path, w: Workload, prompts: Ids) -> Runner:
 
     # device pinned to the CPU: the baseline runs there, and a CUDA machine would otherwise pick CUDA.
     engine = Engine(path, Policy(gpu_batch_size=w.batch, device="cpu"))
+    return lambda rep: ours_generate(engine, prompts, w.output_len, rep)[:2]
 
-    def call(rep: int) -> tuple[Row, Ids]:
-        t0 = time.perf_counter()
-        result = engine.generate(prompts, max_new_tokens=w.output_len, stop_at_eos=False)
-        wall = time.perf_counter() - t0
-        s = result.stats
-        return (Row("ours", rep, wall, s.prefill_s, s.decode_s, s.generated_tokens),
-                [g.output_ids for g in result.generations])
 
-    return call
+def ours_generate(engine, prompts: Ids, output_len: int, rep: int) -> tuple[Row, Ids, dict[str, int]]:
+    """One timed greedy `Engine.generate` of exactly `output_len` tokens: timings, ids, peak bytes per tier."""
+    t0 = time.perf_counter()
+    result = engine.generate(prompts, max_new_tokens=output_len, stop_at_eos=False)
+    wall = time.perf_counter() - t0
+    s = result.stats
+    return (Row("ours", rep, wall, s.prefill_s, s.decode_s, s.generated_tokens),
+            [g.output_ids for g in result.generations], dict(s.peak_memory))
 
 
 def hf_runner(path: Path, w: Workload, prompts: Ids) -> Runner:
-    from transformers import OPTForCausalLM
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()  # generation-config chatter and progress bars would bury the record lines
-    logging.disable_progress_bar()
-    model = OPTForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = load_hf(path)
     ids = torch.tensor(prompts)
-    mask = torch.ones_like(ids)  # all prompts one length: nothing is padded
-
-    def generate(n: int) -> torch.Tensor:
-        with torch.inference_mode():
-            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=model.config.pad_token_id)
 
     def call(rep: int) -> tuple[Row, Ids]:
         t0 = time.perf_counter()
-        out = generate(w.output_len)
+        out = hf_generate(model, ids, w.output_len)
         wall = time.perf_counter() - t0
         t0 = time.perf_counter()
-        generate(1)  # prefill and the first token only: HF's generate has no phase timers
+        hf_generate(model, ids, 1)  # prefill and the first token only: HF's generate has no phase timers
         prefill = min(time.perf_counter() - t0, wall)
         new = out[:, ids.shape[1]:]
         return Row("hf", rep, wall, prefill, wall - prefill, new.numel()), new.tolist()
 
     return call
+
+
+def load_hf(path: Path, **kwargs):
+    """HF `OPTForCausalLM` in fp32 (CPU compute: fp16 matmuls crawl here); `kwargs` go to `from_pretrained`."""
+    from transformers import OPTForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # generation-config chatter and progress bars would bury the record lines
+    logging.disable_progress_bar()
+    return OPTForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+
+
+def hf_generate(model, ids: torch.Tensor, n: int, **kwargs) -> torch.Tensor:
+    """Greedy `generate` of exactly `n` new tokens for (B, T) prompts of one length (no padding)."""
+    with torch.inference_mode():
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False, pad_token_id=model.config.pad_token_id, **kwargs)
 
 
 def check_same_ids(name: str, ours: Ids, hf: Ids) -> float:
@@ -132,7 +139,7 @@ def _print_record(name: str, ours: list[Row], hf: list[Row], roof: Row, machine:
     print(f"{name} ours/hf by wall clock around the call = {median_ratio(pairs, lambda r: 1 / r.wall_s):.2f}")
 
 
-def _print_other_load(name: str, cores: float | None) -> None:
+def print_other_load(name: str, cores: float | None) -> None:
     if cores is None:
         return
     note = "; the machine was busy, absolute figures are off (ratios less so)" if cores > 0.2 else ""

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 @dataclass(frozen=True)
 class Workload:
-    """One side-by-side throughput comparison: same prompts, same batch, ours against HF `generate`."""
+    """One side-by-side throughput comparison: same prompts, same batch, ours against an HF baseline."""
 
     name: str
     description: str
@@ -20,11 +20,19 @@ class Workload:
     """A B pairs measured after one warm-up of each; the ratio is the median over pairs."""
     ram_probe_bytes: int = 2**30
     """Size of the tensor summed to measure RAM bandwidth (large enough to defeat the caches)."""
+    weight_ram_bytes: int | None = None
+    """Most bytes of weights kept in RAM, the rest read from disk each step; None: all in RAM."""
+    module: str = "w1"
+    """The `harness.bench` module whose `run(workload, out_dir)` runs it."""
+    quick: bool = False
+    """The smoke-test variant (`shrink`): optional baselines may be skipped."""
 
     def shrink(self) -> Workload:
         """The quick variant: a tiny model and a few tokens, same code path, for a smoke test."""
+        # opt-tiny holds 6.8 MB of fp16 weights, 6.4 of them the embedding: 1 MiB keeps most on disk
+        budget = None if self.weight_ram_bytes is None else 2**20
         return replace(self, model="opt-tiny", batch=4, prompt_len=16, output_len=8, repeats=1,
-                       ram_probe_bytes=32 * 2**20)
+                       ram_probe_bytes=32 * 2**20, weight_ram_bytes=budget, quick=True)
 
 
 _ALL = (
@@ -32,5 +40,9 @@ _ALL = (
              "fp32; ours/HF generate throughput and fraction of roofline", "opt-125m", 16, 128, 32),
     Workload("W1b", "engine efficiency, compute-heavy: opt-1.3b, batch 8, prompt 64, output 32, all in RAM, "
              "fp32; ours/HF generate throughput and fraction of roofline", "opt-1.3b", 8, 64, 32),
+    # One A/B pair: every run streams the model from disk for each of 32 steps (minutes per run).
+    Workload("W2", "offloading: opt-1.3b stored fp16, at most 0.5 GiB of weights in RAM, the rest read from "
+             "disk past the page cache, batch 16, prompt 32, output 32; ours/accelerate throughput and fraction "
+             "of roofline", "opt-1.3b", 16, 32, 32, repeats=1, weight_ram_bytes=2**29, module="w2"),
 )
 BY_NAME = {w.name: w for w in _ALL}

@@ -8,17 +8,24 @@ import pytest
 
 from harness.bench import WORKLOADS, run
 
+SUMMARY = {
+    "W1a": r"W1a ours/hf=\d+\.\d\d roofline=\d+\.\d\d",
+    # accelerate is optional in quick mode: without it the baseline is skipped and the ratio is n/a
+    "W2": r"W2 ours/accelerate=(\d+\.\d\d|n/a) roofline=\d+\.\d\d peak_rss_gb=\d+\.\d\d",
+}
 
-def test_w1a_quick_runs_and_prints_summary(tmp_path, monkeypatch, capsys):
+
+@pytest.mark.parametrize("name", sorted(SUMMARY))
+def test_quick_runs_and_prints_summary(name, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FLEXHELM_CACHE", str(tmp_path / "cache"))
-    summary = run("W1a", out_dir=tmp_path / "out", quick=True)
-    assert re.fullmatch(r"W1a ours/hf=\d+\.\d\d roofline=\d+\.\d\d", summary)
+    summary = run(name, out_dir=tmp_path / "out", quick=True)
+    assert re.fullmatch(SUMMARY[name], summary)
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == summary  # the summary is the last line
-    assert (tmp_path / "out" / "W1a.csv").is_file()
+    assert (tmp_path / "out" / f"{name}.csv").is_file()
     assert (tmp_path / "cache" / "bench-models" / "opt-tiny" / "config.json").is_file()
 
 
 def test_unknown_workload_lists_known_names():
-    with pytest.raises(ValueError, match="W1a, W1b"):
+    with pytest.raises(ValueError, match="W1a, W1b, W2"):
         run("W9")
-    assert set(WORKLOADS) == {"W1a", "W1b"}
+    assert set(WORKLOADS) == {"W1a", "W1b", "W2"}
