@@ -22,7 +22,7 @@ class Activations:
         self.device, self.io, self.ring = device, io, ring
         self.tiers = [placement.choose((k + 0.5) / n) for k in range(n)]
         self.mem: list[torch.Tensor | None] = list(inputs)
-        self.files = [offload.scratch_file(f"act-{id(self)}-{k}.bin", 0) if t == Tier.DISK else None
+        self.files = [offload.scratch_file("act", 0) if t == Tier.DISK else None
                       for k, t in enumerate(self.tiers)]
         self.meta: list[tuple | None] = [None] * n  # (shape, dtype) of what is on disk
         self.writes: list[Pending | None] = [None] * n

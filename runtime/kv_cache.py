@@ -138,14 +138,10 @@ def _attend_at(q, k, v, ctx: StepContext, compute_device: torch.device, cpu_atte
     return attention(q, k.to(q.device, non_blocking=True), v.to(q.device, non_blocking=True), ctx)
 
 
-_files = 0  # scratch file counter
-
-
 def make_caches(batches: list[int], layers: list, spec, max_len: int, placement: Placement,
                 dtype: torch.dtype, device: torch.device, io: DiskIO | None, offload: OffloadDir | None,
                 ring: StagingRing | None, cpu_attention: bool, alloc) -> list[dict[int, object]]:
     """One slot per (layer with a cache, micro-batch), placed by (layer, micro-batch) order over the tiers."""
-    global _files
     cached = [i for i, layer in enumerate(layers) if layer.has_cache]
     total = len(cached) * len(batches)
     caches: list[dict[int, object]] = [{} for _ in batches]
@@ -154,8 +150,7 @@ def make_caches(batches: list[int], layers: list, spec, max_len: int, placement:
         tier = placement.choose((n + 0.5) / total)
         if tier == Tier.DISK:
             nbytes = 2 * torch.Size(shape).numel() * dtype.itemsize
-            _files += 1
-            path = offload.scratch_file(f"kv-{_files}.bin", nbytes)
+            path = offload.scratch_file("kv", nbytes)
             caches[k][i] = DiskKVSlot(shape, dtype, path, io, ring, device, cpu_attention)
         else:
             where = device if tier == Tier.DEVICE else torch.device("cpu")

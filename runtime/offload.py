@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -48,13 +49,14 @@ class OffloadDir:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self.scratch = Path(tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=self.root))
+            self._numbers = itertools.count()
         except OSError as e:
             raise OffloadError(f"offload folder {self.root} cannot be used ({e.strerror}); pass --offload-dir "
                                "a writable folder on a disk with room for the offloaded data") from None
 
-    def scratch_file(self, name: str, nbytes: int) -> Path:
-        """A file of `nbytes` in the scratch folder (sparse until written)."""
-        path = self.scratch / name
+    def scratch_file(self, kind: str, nbytes: int) -> Path:
+        """A new file of `nbytes` in the scratch folder (sparse until written), named `<kind>-<n>.bin`."""
+        path = self.scratch / f"{kind}-{next(self._numbers)}.bin"
         try:
             with open(path, "wb") as f:
                 f.truncate(nbytes)
