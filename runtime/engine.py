@@ -15,6 +15,7 @@ import torch
 
 from runtime import batching
 from runtime.checkpoint import Checkpoint
+from runtime.compressed import WeightCodec
 from runtime.device import PeakMemory, compute_dtype, resolve_device
 from runtime.disk import DiskIO
 from runtime.errors import InputError
@@ -45,12 +46,14 @@ class Engine:
         keep = self.policy.weight_format == WeightFormat.CHECKPOINT and storage.is_floating_point
         self.layers = get_family(self.spec.family).build_layers(self.spec)
         io = offload = None
+        codec = WeightCodec(self.policy.compress_weight, self.device) if self.policy.compress_weight else None
         if self.policy.offloads():
             offload, io = OffloadDir(offload_dir), DiskIO()
             self._finalizer = weakref.finalize(self, _release, io, offload)
         try:
             self.weights = WeightStore(ckpt, self.layers, self.device, storage if keep else self.dtype, self.dtype,
-                                       self.policy.weights, io, offload, self.policy.pin_host_memory, progress)
+                                       self.policy.weights, io, offload, self.policy.pin_host_memory, progress,
+                                       codec)
         except BaseException:
             _release(io, offload)
             raise

@@ -12,12 +12,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from runtime.compressed import Int4Weight
+
 # Rows (tokens in a step) for which the transposed product wins on the CPU, measured as above.
 _SKINNY_ROWS = range(2, 257)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) @ w (N, K)^T + b (N) -> (..., N)."""
+def linear(x: torch.Tensor, w: torch.Tensor | Int4Weight, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ w (N, K)^T + b (N) -> (..., N); `w` may be a compressed weight in a fused kernel's form."""
+    if isinstance(w, Int4Weight):
+        return w.matmul(x, b)
     m = x.numel() // x.shape[-1]
     if x.device.type != "cpu" or x.dtype != torch.float32 or m not in _SKINNY_ROWS:
         return F.linear(x, w, b)

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 
 from runtime.errors import PolicyError
+from runtime.quant import QuantConfig
 
 
 class Tier(str, Enum):
@@ -88,6 +89,10 @@ class Policy:
     """CUDA: decode attention over an off-device cache runs on the CPU, next to the cache."""
     pin_host_memory: bool = True
     """CUDA: host-resident weights and staging buffers in pinned memory (faster, asynchronous copies)."""
+    compress_weight: QuantConfig | None = None
+    """Group-wise quantization of weight matrices on every tier (None: the checkpoint's precision)."""
+    compress_cache: QuantConfig | None = None
+    """Group-wise quantization of the KV cache along the head dimension, as it is produced."""
 
     def __post_init__(self) -> None:
         for name in ("gpu_batch_size", "num_gpu_batches"):
@@ -104,6 +109,8 @@ class Policy:
                               f"got {self.weight_format!r}") from None
         for name in ("weights", "cache", "activations"):
             object.__setattr__(self, name, _placement(getattr(self, name)))
+        for name in ("compress_weight", "compress_cache"):
+            object.__setattr__(self, name, QuantConfig.from_json(getattr(self, name)))
         for name in ("overlap", "cpu_attention", "pin_host_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise PolicyError(f"Policy.{name} must be true or false, got {getattr(self, name)!r}")
@@ -129,6 +136,9 @@ class Policy:
     def to_json(self) -> dict:
         d = asdict(self)
         d["weight_format"] = self.weight_format.value
+        for name in ("compress_weight", "compress_cache"):
+            cfg = getattr(self, name)
+            d[name] = cfg.to_json() if cfg is not None else None
         return d
 
     def offloads(self) -> bool:

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from runtime.checkpoint import Checkpoint
+from runtime.compressed import WeightCodec
 from runtime.disk import DiskIO, Pending, Region
 from runtime.errors import CheckpointError
 from runtime.layers import Layer, WeightSpec
@@ -26,7 +27,8 @@ from runtime.policy import Placement, Tier
 
 @dataclass
 class _Stored:
-    """One weight: a tensor in memory, or regions on disk holding `dtype` data of `shape`."""
+    """One weight of `shape`: a tensor in memory, or regions on disk; compressed weights (`packed` bytes)
+    are a flat uint8 buffer in the codec's stored form."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -34,10 +36,15 @@ class _Stored:
     tensor: torch.Tensor | None = None
     regions: list[Region] | None = None
     name: str = ""
+    packed: int = 0
 
     @property
     def nbytes(self) -> int:
-        return torch.Size(self.shape).numel() * self.dtype.itemsize
+        return self.packed or torch.Size(self.shape).numel() * self.dtype.itemsize
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        return (self.packed,) if self.packed else self.shape
 
 
 def assign_tiers(specs: list[WeightSpec], sizes: list[int], placement: Placement) -> list[Tier]:
@@ -54,8 +61,9 @@ class WeightStore:
 
     def __init__(self, ckpt: Checkpoint, layers: list[Layer], device: torch.device, memory_dtype: torch.dtype,
                  compute_dtype: torch.dtype, placement: Placement, io: DiskIO | None = None,
-                 offload: OffloadDir | None = None, pin: bool = False, progress: bool = False) -> None:
-        self.device, self.compute_dtype, self.io = device, compute_dtype, io
+                 offload: OffloadDir | None = None, pin: bool = False, progress: bool = False,
+                 codec: WeightCodec | None = None) -> None:
+        self.device, self.compute_dtype, self.io, self.codec = device, compute_dtype, io, codec
         self.pin = pin and device.type == "cuda"
         self.depth = 1  # layers read ahead of the one computing
         self.layers: list[dict[str, _Stored]] = []
@@ -65,7 +73,8 @@ class WeightStore:
         for layer in tqdm(layers, desc="loading weights", unit="layer", disable=not progress, leave=False):
             specs = [s for s in layer.weight_specs() if s.sources not in shared]
             file_dtype = [ckpt.dtype_of(s.sources[0]) for s in specs]
-            sizes = [torch.Size(s.shape).numel() * d.itemsize for s, d in zip(specs, file_dtype)]
+            sizes = [self._packed_size(s) or torch.Size(s.shape).numel() * d.itemsize
+                     for s, d in zip(specs, file_dtype)]
             for spec, tier, fdt in zip(specs, assign_tiers(specs, sizes, placement), file_dtype):
                 shared[spec.sources] = self._place(ckpt, spec, tier, fdt, memory_dtype, to_prepare)
             self.layers.append({s.key: shared[s.sources] for s in layer.weight_specs()})
@@ -73,7 +82,10 @@ class WeightStore:
         if to_prepare:  # e.g. pytorch_model.bin: write the disk-placed weights once, then read those files
             if offload is None:
                 raise CheckpointError("weights placed on disk need an offload folder")
-            regions = offload.prepared({"checkpoint": ckpt.fingerprint()}, to_prepare)
+            identity = {"checkpoint": ckpt.fingerprint()}
+            if codec is not None:  # the int4 kernel's packing may change with torch: key on its version
+                identity.update(compress=codec.config.to_json(), torch=torch.__version__)
+            regions = offload.prepared(identity, to_prepare)
             for stored in shared.values():
                 if stored.tier == Tier.DISK and stored.regions is None:
                     stored.regions = [regions[stored.name]]
@@ -83,10 +95,28 @@ class WeightStore:
         self._pending: dict[int, tuple[Pending, dict[str, torch.Tensor], int]] = {}  # layer -> reads, buffers, slot
         self._turn = 0
 
+    def _packed_size(self, spec: WeightSpec) -> int:
+        """Bytes of `spec` compressed, or 0 when it stays as is: no codec, not a matrix, or a lookup table
+        (embeddings, and a head tied to them, are read by row: they keep the checkpoint's dtype)."""
+        if self.codec is None or len(spec.shape) != 2 or spec.lookup:
+            return 0
+        return self.codec.nbytes(spec.shape)
+
     def _place(self, ckpt: Checkpoint, spec: WeightSpec, tier: Tier, file_dtype: torch.dtype,
                memory_dtype: torch.dtype, to_prepare: dict) -> _Stored:
         on_cpu = self.device.type == "cpu"
         _check_shapes(ckpt, spec)
+        packed = self._packed_size(spec)
+        if packed:  # quantized once here; on disk, once per checkpoint and config (the offload folder)
+            stored = _Stored(spec.shape, torch.uint8, tier, name="+".join(spec.sources), packed=packed)
+            encode = lambda: self.codec.encode(_read(ckpt, spec, torch.float32, "cpu"))
+            if tier == Tier.DISK:
+                to_prepare[stored.name] = (packed, encode)
+            elif tier == Tier.DEVICE and not on_cpu:
+                stored.tensor = encode().to(self.device)
+            else:
+                stored.tensor = encode().pin_memory() if self.pin else encode()
+            return stored
         if tier == Tier.DISK:
             stored = _Stored(spec.shape, file_dtype, tier, regions=ckpt.regions(spec.sources),
                              name="+".join(spec.sources))
@@ -129,7 +159,8 @@ class WeightStore:
                 del self._pending[other]
         futures, staged = [], {}
         for key, s, nth in disk:
-            buf = self._buffer(self._staging, (slot, s.shape, s.dtype, nth), s.shape, s.dtype, "cpu", self.pin)
+            shape = s.stored_shape
+            buf = self._buffer(self._staging, (slot, shape, s.dtype, nth), shape, s.dtype, "cpu", self.pin)
             futures.extend(self.io.read(s.regions, buf).futures)
             staged[key] = buf
         self._pending[index] = (Pending(futures), staged, slot)
@@ -142,6 +173,14 @@ class WeightStore:
         out = {}
         for (key, s), nth in zip(self.layers[index].items(), _nth_of_shape(self.layers[index].values())):
             src = staged.get(key, s.tensor)
+            if s.packed:
+                if src.device != self.device:
+                    src = self._buffer(self._compute, ((s.packed,), src.dtype, nth), (s.packed,), src.dtype,
+                                       self.device).copy_(src, non_blocking=True)
+                out[key] = self.codec.decode(src, s.shape, None if self.codec.uses_kernel(s.shape) else
+                                             self._buffer(self._compute, (s.shape, self.compute_dtype, nth),
+                                                          s.shape, self.compute_dtype, self.device))
+                continue
             dtype = src.dtype if key in self.lookups[index] else self.compute_dtype
             if src.dtype == dtype and src.device == self.device:
                 out[key] = src
@@ -159,12 +198,13 @@ class WeightStore:
 
 
 def _nth_of_shape(weights) -> list[int]:
-    """For each weight, how many earlier weights of its layer have the same shape (buffer keys)."""
+    """For each weight, how many earlier weights of its layer have the same stored shape (buffer keys:
+    compressed matrices of different shapes can have the same packed size)."""
     seen: dict[tuple, int] = {}
     out = []
     for s in weights:
-        out.append(seen.get(s.shape, 0))
-        seen[s.shape] = out[-1] + 1
+        out.append(seen.get(s.stored_shape, 0))
+        seen[s.stored_shape] = out[-1] + 1
     return out
 
 
