@@ -97,3 +97,35 @@ class WeightCodec:
         dtype = out.dtype if out is not None else torch.float32
         return dequantize(q, dtype, out)
 
+
+
+class KVCodec:
+    """The KV cache quantized as it is produced: each (sequence, head, position) row of D values becomes
+    a record of R bytes, codes then fp16 scales then fp16 minimums, grouped along the head dimension.
+
+    Slots on every tier store records (B, kvH, S, R) uint8 in place of (B, kvH, S, D) floats, so the disk
+    and host layouts need no special case; attention dequantizes the cached prefix next to compute."""
+
+    def __init__(self, config: QuantConfig, head_dim: int) -> None:
+        self.config, self.head_dim = config, head_dim
+        self.layout = layout_of((1, head_dim), config)
+        self.record_bytes = self.layout.nbytes  # R
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, kvH, T, D) float -> records (B, kvH, T, R) uint8."""
+        q = quantize(x.reshape(-1, self.head_dim), self.config)  # rows = B * kvH * T
+        rows, lay = q.layout.rows, q.layout
+        parts = [q.data, q.scale.view(torch.uint8), q.minimum.view(torch.uint8)]  # (rows, *) each
+        return torch.cat([p.reshape(rows, -1) for p in parts], 1).view(*x.shape[:-1], lay.nbytes // rows)
+
+    def decode(self, records: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """records (B, kvH, S, R) uint8 (any strides) -> values (B, kvH, S, D) in `dtype`."""
+        lead = records.shape[:-1]
+        rows = records.reshape(-1, self.record_bytes)  # (rows, R)
+        one = self.layout
+        data_w, meta_w = one.data_bytes, one.meta_bytes
+        n = rows.shape[0]
+        buf = torch.cat([rows[:, :data_w].reshape(-1), rows[:, data_w:data_w + meta_w].reshape(-1),
+                         rows[:, data_w + meta_w:].reshape(-1)])  # back to the packed layout of n rows
+        q = QuantizedTensor(buf, (n, self.head_dim), layout_of((n, self.head_dim), self.config))
+        return dequantize(q, dtype).view(*lead, self.head_dim)

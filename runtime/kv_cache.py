@@ -15,6 +15,7 @@ import dataclasses
 
 import torch
 
+from runtime.compressed import KVCodec
 from runtime.disk import DiskIO, Pending, Region
 from runtime.layers import StepContext, attention
 from runtime.offload import OffloadDir
@@ -27,17 +28,18 @@ class KVSlot:
     tier = Tier.DEVICE
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, compute_device: torch.device,
-                 cpu_attention: bool = False) -> None:
-        self.k, self.v = k, v  # (B, kvH, S_max, D) each, from the runner's pool
-        self.compute_device = compute_device
+                 cpu_attention: bool = False, tier: Tier = Tier.DEVICE, codec: KVCodec | None = None) -> None:
+        self.k, self.v = k, v  # (B, kvH, S_max, D) each (codec: (B, kvH, S_max, R) uint8), from the runner's pool
+        self.compute_device, self.tier, self.codec = compute_device, tier, codec
         self.cpu_attention = cpu_attention and k.device != compute_device
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """q (B, H, T, D), k/v (B, kvH, T, D) of this step -> attention output (B, H, T, D)."""
         end = ctx.cache_start + k.shape[2]
-        self.k[:, :, ctx.cache_start:end] = k
-        self.v[:, :, ctx.cache_start:end] = v
-        return _attend_at(q, self.k[:, :, :end], self.v[:, :, :end], ctx, self.compute_device, self.cpu_attention)
+        self.k[:, :, ctx.cache_start:end] = _encode(self.codec, k)
+        self.v[:, :, ctx.cache_start:end] = _encode(self.codec, v)
+        keys, values = _decode(self.codec, self.k[:, :, :end], q), _decode(self.codec, self.v[:, :, :end], q)
+        return _attend_at(q, keys, values, ctx, self.compute_device, self.cpu_attention)
 
     def prefetch(self, start: int) -> None:
         pass
@@ -56,11 +58,12 @@ class DiskKVSlot:
     tier = Tier.DISK
 
     def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, path, io: DiskIO,
-                 ring: StagingRing, compute_device: torch.device, cpu_attention: bool) -> None:
-        B, kvh, S, D = shape
+                 ring: StagingRing, compute_device: torch.device, cpu_attention: bool,
+                 codec: KVCodec | None = None) -> None:
+        B, kvh, S, D = shape  # codec: D is the record size R, dtype uint8
         self.rows = (S, B, kvh, D)
         self.row_bytes = B * kvh * D * dtype.itemsize
-        self.path, self.io, self.ring, self.dtype = path, io, ring, dtype
+        self.path, self.io, self.ring, self.dtype, self.codec = path, io, ring, dtype, codec
         self.compute_device, self.cpu_attention = compute_device, cpu_attention
         self._loaded: tuple[int, torch.Tensor, Pending] | None = None  # (rows, staging, pending read)
 
@@ -82,12 +85,12 @@ class DiskKVSlot:
         _, buf, pending = self._loaded
         self._loaded = None
         pending.wait()
-        buf[0, start:end] = k.permute(2, 0, 1, 3)  # (T, B, kvH, D)
-        buf[1, start:end] = v.permute(2, 0, 1, 3)
+        buf[0, start:end] = _encode(self.codec, k).permute(2, 0, 1, 3)  # (T, B, kvH, D)
+        buf[1, start:end] = _encode(self.codec, v).permute(2, 0, 1, 3)
         writes = [self.io.write(self._region(i, start, end), buf[i, start:end]) for i in (0, 1)]
         self.ring.release(buf, writes)
-        keys = buf[0, :end].permute(1, 2, 0, 3)  # (B, kvH, end, D)
-        values = buf[1, :end].permute(1, 2, 0, 3)
+        keys = _decode(self.codec, buf[0, :end].permute(1, 2, 0, 3), q)  # (B, kvH, end, D)
+        values = _decode(self.codec, buf[1, :end].permute(1, 2, 0, 3), q)
         return _attend_at(q, keys, values, ctx, self.compute_device, self.cpu_attention)
 
     @property
@@ -127,6 +130,17 @@ class StagingRing:
         self._writes.clear()
 
 
+def _encode(codec: KVCodec | None, x: torch.Tensor) -> torch.Tensor:
+    return x if codec is None else codec.encode(x)
+
+
+def _decode(codec: KVCodec | None, records: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Cached values for attention; compressed records dequantize where they live (fp32 on the CPU)."""
+    if codec is None:
+        return records
+    return codec.decode(records, q.dtype if records.device == q.device else torch.float32)
+
+
 def _attend_at(q, k, v, ctx: StepContext, compute_device: torch.device, cpu_attention: bool) -> torch.Tensor:
     if k.device == q.device:
         return attention(q, k, v, ctx)
@@ -140,21 +154,24 @@ def _attend_at(q, k, v, ctx: StepContext, compute_device: torch.device, cpu_atte
 
 def make_caches(batches: list[int], layers: list, spec, max_len: int, placement: Placement,
                 dtype: torch.dtype, device: torch.device, io: DiskIO | None, offload: OffloadDir | None,
-                ring: StagingRing | None, cpu_attention: bool, alloc) -> list[dict[int, object]]:
+                ring: StagingRing | None, cpu_attention: bool, alloc,
+                codec: KVCodec | None = None) -> list[dict[int, object]]:
     """One slot per (layer with a cache, micro-batch), placed by (layer, micro-batch) order over the tiers."""
     cached = [i for i, layer in enumerate(layers) if layer.has_cache]
     total = len(cached) * len(batches)
     caches: list[dict[int, object]] = [{} for _ in batches]
+    if codec is not None:  # slots hold R-byte records in place of D values
+        dtype = torch.uint8
+    width = codec.record_bytes if codec is not None else spec.head_dim
     for n, (i, k) in enumerate((i, k) for i in cached for k in range(len(batches))):
-        shape = (batches[k], spec.num_kv_heads, max_len, spec.head_dim)
+        shape = (batches[k], spec.num_kv_heads, max_len, width)
         tier = placement.choose((n + 0.5) / total)
         if tier == Tier.DISK:
             nbytes = 2 * torch.Size(shape).numel() * dtype.itemsize
             path = offload.scratch_file("kv", nbytes)
-            caches[k][i] = DiskKVSlot(shape, dtype, path, io, ring, device, cpu_attention)
+            caches[k][i] = DiskKVSlot(shape, dtype, path, io, ring, device, cpu_attention, codec)
         else:
             where = device if tier == Tier.DEVICE else torch.device("cpu")
-            slot = KVSlot(alloc(shape, dtype, where), alloc(shape, dtype, where), device, cpu_attention)
-            slot.tier = tier
-            caches[k][i] = slot
+            caches[k][i] = KVSlot(alloc(shape, dtype, where), alloc(shape, dtype, where), device, cpu_attention,
+                                  tier, codec)
     return caches

@@ -56,11 +56,13 @@ class BlockRunner:
 
     def __init__(self, layers: list[Layer], weights: WeightStore, spec, policy, device: torch.device,
                  dtype: torch.dtype, io=None, offload=None) -> None:
+        from runtime.compressed import KVCodec
         from runtime.kv_cache import StagingRing
 
         self.layers, self.weights, self.spec, self.policy = layers, weights, spec, policy
         self.device, self.dtype, self.io, self.offload = device, dtype, io, offload
         self.ring = StagingRing(pin=policy.pin_host_memory and device.type == "cuda")
+        self.kv_codec = KVCodec(policy.compress_cache, spec.head_dim) if policy.compress_cache else None
         self.cache_peak = {"device": 0, "host": 0, "disk": 0}  # largest KV cache per tier so far
         # Cache tensors are reused across calls: a fresh allocation page-faults on its first write,
         # which cost ~5% of a prefill here.
@@ -70,7 +72,8 @@ class BlockRunner:
         from runtime.kv_cache import make_caches
 
         caches = make_caches(batches, self.layers, self.spec, max_len, self.policy.cache, self.dtype, self.device,
-                             self.io, self.offload, self.ring, self.policy.cpu_attention, self._alloc)
+                             self.io, self.offload, self.ring, self.policy.cpu_attention, self._alloc,
+                             self.kv_codec)
         for tier in self.cache_peak:
             placed = sum(s.nbytes for c in caches for s in c.values() if s.tier.value == tier)
             self.cache_peak[tier] = max(self.cache_peak[tier], placed)

@@ -12,8 +12,10 @@ from runtime.quant import QuantConfig, dequantize, quantize
 from tests import tiny_models
 from tests.runtime.test_offload import PLACEMENTS, PROMPTS
 
-KERNEL = {"bits": 4, "group_size": 32}  # fits the kernel: the 64-wide model's K and N
-FALLBACK = {"bits": 3, "group_size": 16, "axis": "output"}  # dequantized next to compute
+KERNEL = {"compress_weight": {"bits": 4, "group_size": 32}}  # fits the kernel: the 64-wide model's K and N
+FALLBACK = {"compress_weight": {"bits": 3, "group_size": 16, "axis": "output"}}  # dequantized next to compute
+CACHE = {"compress_cache": {"bits": 4, "group_size": 16}}  # head_dim 16
+BOTH = {**KERNEL, **CACHE}
 FORCED = [[40, 41, 42]] * len(PROMPTS)
 
 
@@ -51,12 +53,12 @@ def test_codec_falls_back_where_the_kernel_does_not_apply():
     torch.testing.assert_close(got, dequantize(quantize(w, QuantConfig(bits=4, group_size=16))))
 
 
-@pytest.mark.parametrize("cfg", [KERNEL, FALLBACK], ids=["kernel", "fallback"])
+@pytest.mark.parametrize("cfg", [KERNEL, FALLBACK, CACHE, BOTH], ids=["kernel", "fallback", "cache", "both"])
 @pytest.mark.parametrize("placement", list(PLACEMENTS))
 def test_every_placement_of_a_compressed_model_gives_identical_results(model64, tmp_path, cfg, placement):
-    ref = Engine(model64, Policy(gpu_batch_size=2, compress_weight=cfg))
+    ref = Engine(model64, Policy(gpu_batch_size=2, **cfg))
     expected = ref.trace_logits(PROMPTS, FORCED)
-    policy = Policy(gpu_batch_size=2, num_gpu_batches=3, compress_weight=cfg, **PLACEMENTS[placement])
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=3, **cfg, **PLACEMENTS[placement])
     engine = Engine(model64, policy, offload_dir=tmp_path)
     for a, b in zip(expected, engine.trace_logits(PROMPTS, FORCED)):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
@@ -70,10 +72,11 @@ def test_compressed_logits_stay_close_and_weights_shrink(model64, tmp_path):
     plain = Engine(model64, Policy(weights={"device": 0, "host": 1}))
     expected = torch.cat([t.flatten() for t in plain.trace_logits(PROMPTS, FORCED)])
     for bits, min_cos in ((8, 0.9999), (4, 0.97)):  # random weights: 4 bits measured 0.99
-        engine = Engine(model64, Policy(compress_weight={"bits": bits, "group_size": 32}))
-        got = torch.cat([t.flatten() for t in engine.trace_logits(PROMPTS, FORCED)])
-        cos = torch.nn.functional.cosine_similarity(got, expected, dim=0).item()
-        assert cos >= min_cos, (bits, cos)
+        for field in ("compress_weight", "compress_cache"):
+            engine = Engine(model64, Policy(**{field: {"bits": bits, "group_size": 16}}))
+            got = torch.cat([t.flatten() for t in engine.trace_logits(PROMPTS, FORCED)])
+            cos = torch.nn.functional.cosine_similarity(got, expected, dim=0).item()
+            assert cos >= min_cos, (field, bits, cos)
     # matrices at 4 bits, group 64, take under 0.3x of their fp16 bytes; embeddings stay as stored
     packed = Engine(model64, Policy(compress_weight={"bits": 4, "group_size": 64})).weights
     matrices = [s for s in packed._all if s.packed]
