@@ -32,6 +32,12 @@ def _policy(args: argparse.Namespace):
                        ("overlap", "overlap"), ("cpu_attention", "cpu_attention")):
         if getattr(args, flag) is not None:
             fields[name] = getattr(args, flag)
+    quant = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size)) if v is not None}
+    if quant and not (args.compress_weight or args.compress_cache):
+        raise PolicyError("--bits / --group-size configure compression: add --compress-weight and/or --compress-cache")
+    for flag in ("compress_weight", "compress_cache"):
+        if getattr(args, flag):
+            fields[flag] = {**(fields.get(flag) or {}), **quant}
     return Policy.from_json(fields)
 
 
@@ -121,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overlap disk I/O with compute (default on)")
     g.add_argument("--cpu-attention", action=argparse.BooleanOptionalAction, default=None,
                    help="CUDA: decode attention next to an off-device cache (default on)")
+    g.add_argument("--compress-weight", action="store_true", help="quantize weight matrices (group-wise, 4 bits)")
+    g.add_argument("--compress-cache", action="store_true", help="quantize the KV cache (group-wise, 4 bits)")
+    g.add_argument("--bits", type=int, help="bits of --compress-weight/--compress-cache: 2, 3, 4 (default) or 8")
+    g.add_argument("--group-size", type=int, help="values per quantization group (default 64)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off")

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.quant import QuantConfig, QuantizedTensor, dequantize, layout_of, quantize
+from runtime.policy import QuantConfig
+from runtime.quant import QuantizedTensor, dequantize, layout_of, quantize
 
 _KERNEL_GROUPS = (32, 64, 128, 256)
 

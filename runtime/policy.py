@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 
 from runtime.errors import PolicyError
-from runtime.quant import QuantConfig
 
 
 class Tier(str, Enum):
@@ -63,6 +62,44 @@ def _placement(value) -> Placement:
             raise PolicyError(f"unknown placement keys {sorted(unknown)}; use device, host (disk is the rest)")
         return Placement(value.get("device", 0.0), value.get("host", 0.0))
     raise PolicyError(f"a placement must be an object like {{'device': 0.3, 'host': 0.5}}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """A group-wise quantization scheme."""
+
+    bits: int = 4
+    group_size: int = 64
+    axis: str = "input"
+    """Weights: group along the `input` axis (columns of W (out, in); what the fused int4 kernels need) or
+    the `output` axis (FlexGen's choice). The KV cache is always grouped along the head dimension."""
+    method: str = "minmax"
+    """`minmax` (the group's full range) or `search` (per-group clipping with the least error)."""
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4, 8):
+            raise PolicyError(f"quantization bits must be 2, 3, 4 or 8, got {self.bits!r}")
+        gs = self.group_size
+        if isinstance(gs, bool) or not isinstance(gs, int) or gs < 8 or gs % 8:
+            raise PolicyError(f"quantization group_size must be a multiple of 8 (>= 8), got {gs!r}")
+        if self.axis not in ("input", "output"):
+            raise PolicyError(f"quantization axis must be 'input' or 'output', got {self.axis!r}")
+        if self.method not in ("minmax", "search"):
+            raise PolicyError(f"quantization method must be 'minmax' or 'search', got {self.method!r}")
+
+    @classmethod
+    def from_json(cls, data) -> QuantConfig | None:
+        if data is None or isinstance(data, QuantConfig):
+            return data
+        if not isinstance(data, dict):
+            raise PolicyError(f"a compression config must be an object like {{'bits': 4}}, got {data!r}")
+        unknown = set(data) - {"bits", "group_size", "axis", "method"}
+        if unknown:
+            raise PolicyError(f"unknown compression keys {sorted(unknown)}; known: bits, group_size, axis, method")
+        return cls(**data)
+
+    def to_json(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "axis": self.axis, "method": self.method}
 
 
 @dataclass(frozen=True)

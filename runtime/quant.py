@@ -1,4 +1,4 @@
-"""Group-wise asymmetric quantization: the config, the packed format, quantize and dequantize.
+"""Group-wise asymmetric quantization (`QuantConfig`, in runtime.policy): packed format, quantize, dequantize.
 
 A tensor is viewed as rows x columns (a weight (out, in) as is when grouped along the input axis, its
 transpose when grouped along the output axis; a KV cache (..., head_dim) with its leading dims as rows).
@@ -19,47 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.errors import PolicyError
+from runtime.policy import QuantConfig
 
 _SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # clipping ratios tried by method="search"
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """A group-wise quantization scheme."""
-
-    bits: int = 4
-    group_size: int = 64
-    axis: str = "input"
-    """Weights: group along the `input` axis (columns of W (out, in); what the fused int4 kernels need) or
-    the `output` axis (FlexGen's choice). The KV cache is always grouped along the head dimension."""
-    method: str = "minmax"
-    """`minmax` (the group's full range) or `search` (per-group clipping with the least error)."""
-
-    def __post_init__(self) -> None:
-        if self.bits not in (2, 3, 4, 8):
-            raise PolicyError(f"quantization bits must be 2, 3, 4 or 8, got {self.bits!r}")
-        gs = self.group_size
-        if isinstance(gs, bool) or not isinstance(gs, int) or gs < 8 or gs % 8:
-            raise PolicyError(f"quantization group_size must be a multiple of 8 (>= 8), got {gs!r}")
-        if self.axis not in ("input", "output"):
-            raise PolicyError(f"quantization axis must be 'input' or 'output', got {self.axis!r}")
-        if self.method not in ("minmax", "search"):
-            raise PolicyError(f"quantization method must be 'minmax' or 'search', got {self.method!r}")
-
-    @classmethod
-    def from_json(cls, data) -> QuantConfig | None:
-        if data is None or isinstance(data, QuantConfig):
-            return data
-        if not isinstance(data, dict):
-            raise PolicyError(f"a compression config must be an object like {{'bits': 4}}, got {data!r}")
-        unknown = set(data) - {"bits", "group_size", "axis", "method"}
-        if unknown:
-            raise PolicyError(f"unknown compression keys {sorted(unknown)}; known: bits, group_size, axis, method")
-        return cls(**data)
-
-    def to_json(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size, "axis": self.axis, "method": self.method}
 
 
 @dataclass(frozen=True)

@@ -89,3 +89,16 @@ def test_generate_with_percent_policy_and_offload_dir(tiny_opt, tmp_path, capsys
     assert json.loads(capsys.readouterr().out)["prompts"][0]["output_ids"] == ref["prompts"][0]["output_ids"]
     assert main(base + ["--policy", '{"weights": {"device": 0.7, "host": 0.7}}']) == 2
     assert "exceed 1" in capsys.readouterr().err
+
+
+def test_generate_with_compression_flags(tiny_opt, capsys):
+    path, _ = tiny_opt("pre")
+    base = ["generate", "--model", str(path), "--prompt", "the quick brown", "--max-new-tokens", "4", "--json"]
+    assert main(base + ["--compress-weight", "--compress-cache", "--bits", "8", "--group-size", "16"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["policy"]["compress_weight"] == {"bits": 8, "group_size": 16, "axis": "input", "method": "minmax"}
+    assert out["policy"]["compress_cache"]["bits"] == 8 and len(out["prompts"][0]["output_ids"]) >= 1
+    assert main(base + ["--bits", "4"]) == 2
+    assert "add --compress-weight" in capsys.readouterr().err
+    assert main(base + ["--compress-weight", "--bits", "5"]) == 2
+    assert "bits must be 2, 3, 4 or 8" in capsys.readouterr().err

@@ -8,7 +8,8 @@ import torch
 
 from runtime import Engine, Policy
 from runtime.compressed import Int4Weight, WeightCodec
-from runtime.quant import QuantConfig, dequantize, quantize
+from runtime.policy import QuantConfig
+from runtime.quant import dequantize, quantize
 from tests import tiny_models
 from tests.runtime.test_offload import PLACEMENTS, PROMPTS
 

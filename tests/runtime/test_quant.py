@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from runtime.errors import PolicyError
-from runtime.quant import QuantConfig, dequantize, layout_of, pack, quantize, unpack
+from runtime.policy import QuantConfig
+from runtime.quant import dequantize, layout_of, pack, quantize, unpack
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
