@@ -47,6 +47,14 @@ class _Stored:
         return (self.packed,) if self.packed else self.shape
 
 
+def packed_size(spec: WeightSpec, codec: WeightCodec | None) -> int:
+    """Bytes of `spec` compressed, or 0 when it stays as is: no codec, not a matrix, or a lookup table
+    (embeddings, and a head tied to them, are read by row: they keep the checkpoint's dtype)."""
+    if codec is None or len(spec.shape) != 2 or spec.lookup:
+        return 0
+    return codec.nbytes(spec.shape)
+
+
 def assign_tiers(specs: list[WeightSpec], sizes: list[int], placement: Placement) -> list[Tier]:
     """Tier of each weight of a layer by the middle of its bytes in the layer's cumulative size."""
     total, seen, tiers = max(1, sum(sizes)), 0, []
@@ -73,7 +81,7 @@ class WeightStore:
         for layer in tqdm(layers, desc="loading weights", unit="layer", disable=not progress, leave=False):
             specs = [s for s in layer.weight_specs() if s.sources not in shared]
             file_dtype = [ckpt.dtype_of(s.sources[0]) for s in specs]
-            sizes = [self._packed_size(s) or torch.Size(s.shape).numel() * d.itemsize
+            sizes = [packed_size(s, codec) or torch.Size(s.shape).numel() * d.itemsize
                      for s, d in zip(specs, file_dtype)]
             for spec, tier, fdt in zip(specs, assign_tiers(specs, sizes, placement), file_dtype):
                 shared[spec.sources] = self._place(ckpt, spec, tier, fdt, memory_dtype, to_prepare)
@@ -95,18 +103,11 @@ class WeightStore:
         self._pending: dict[int, tuple[Pending, dict[str, torch.Tensor], int]] = {}  # layer -> reads, buffers, slot
         self._turn = 0
 
-    def _packed_size(self, spec: WeightSpec) -> int:
-        """Bytes of `spec` compressed, or 0 when it stays as is: no codec, not a matrix, or a lookup table
-        (embeddings, and a head tied to them, are read by row: they keep the checkpoint's dtype)."""
-        if self.codec is None or len(spec.shape) != 2 or spec.lookup:
-            return 0
-        return self.codec.nbytes(spec.shape)
-
     def _place(self, ckpt: Checkpoint, spec: WeightSpec, tier: Tier, file_dtype: torch.dtype,
                memory_dtype: torch.dtype, to_prepare: dict) -> _Stored:
         on_cpu = self.device.type == "cpu"
         _check_shapes(ckpt, spec)
-        packed = self._packed_size(spec)
+        packed = packed_size(spec, self.codec)
         if packed:  # quantized once here; on disk, once per checkpoint and config (the offload folder)
             stored = _Stored(spec.shape, torch.uint8, tier, name="+".join(spec.sources), packed=packed)
             encode = lambda: self.codec.encode(_read(ckpt, spec, torch.float32, "cpu"))

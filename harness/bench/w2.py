@@ -24,7 +24,7 @@ Page cache: each engine runs in its own worker process (worker.py), in its own m
 machine allows one (pagecache.py). Before every run the pages of the model folder and the offload
 folders are evicted (posix_fadvise DONTNEED) and `fincore` counts what is left. During a run ours drops
 what it reads itself; accelerate's mmap reads leave pages behind, which its cgroup bounds: after an
-untimed warm-up each worker's limit is set to its memory then + `_HEADROOM` (its transient buffers and a
+untimed warm-up each worker's limit is set to its memory then + `HEADROOM` (its transient buffers and a
 page cache well below one step's weights, so no step finds the previous step's weights cached).
 Verified per run: bytes the worker read from the device (/proc/<pid>/io read_bytes) against the bytes of
 disk-resident weights it asked for (ours: its DiskIO counter; accelerate: offloaded weights x forwards).
@@ -41,41 +41,27 @@ import importlib.util
 import statistics
 import tempfile
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from harness.bench import models, report, roofline, w1, w2_engines
 from harness.bench.measure import OtherLoad, Row, alternate, median_ratio, median_row
-from harness.bench.pagecache import MemoryCgroup, cached_bytes, evict, read_bytes
-from harness.bench.worker import Worker
+from harness.bench.offload_side import (
+    SWEEP_TOKENS,
+    OffloadRow,
+    Side,
+    breakdown,
+    fit_fraction,
+    label,
+    print_page_cache,
+    print_sweep,
+    projected_s,
+    sweep_policies,
+)
 from harness.bench.workloads import Workload
 
-_HEADROOM = 3 * 2**29
-"""Memory a worker may add to what it holds after its warm-up: 1.5 GiB."""
-_SWEEP_TOKENS = 8
-"""Output length of the policy sweep (projected to the full length to rank the policies)."""
 _GiB = 2**30
-
-
-@dataclass(frozen=True)
-class OffloadRow(Row):
-    """A timed run of an engine that reads weights from disk, measured from outside its worker process."""
-
-    policy: str = ""
-    peak_rss: int = 0
-    """Peak resident bytes of the worker during the call (VmHWM, reset at the call)."""
-    cached_before: int | None = None
-    """Bytes of the model's and offload folders' files in the page cache when the call started."""
-    disk_read: int | None = None
-    """Bytes the worker read from the block device during the call (/proc/<pid>/io read_bytes)."""
-    requested: int = 0
-    """Bytes of disk-resident weights the engine asked for during the call."""
-    io_wait_s: float | None = None
-    """Ours: seconds blocked on disk reads of weights."""
-    fetch_s: float | None = None
-    """Ours: seconds in `WeightStore.fetch` (the reads it waits for plus conversion to fp32)."""
 
 
 def run(w: Workload, out_dir: Path) -> str:
@@ -99,15 +85,15 @@ def run(w: Workload, out_dir: Path) -> str:
 
     with tempfile.TemporaryDirectory(prefix="flexhelm-w2-") as scratch, ExitStack() as stack:
         watched = [path, Path(scratch)]  # the model and both engines' offload folders
-        ours = _Side("ours", watched, stack)
-        acc = _Side("accelerate", watched, stack) if baseline else None
+        ours = Side("ours", watched, stack)
+        acc = Side("accelerate", watched, stack) if baseline else None
         if acc:  # loaded first: a baseline that cannot load fails before the long sweep
             # accelerate's heap grows over a whole run (~2.5 GiB more for opt-1.3b): warm up for a whole one
             acc_tiers = acc.load(w.output_len, w2_engines.load_accelerate, path, budget,
                                  Path(scratch) / "accelerate", prompts)
 
         # Sweep: ours under each policy on a shortened output, ranked by the time projected to the full one
-        n = min(_SWEEP_TOKENS, w.output_len)
+        n = min(SWEEP_TOKENS, w.output_len)
         sweep = []
         for policy in sweep_policies(w, fraction):
             ours.load(2, w2_engines.load_ours, path, policy, scratch, prompts, budget)
@@ -135,9 +121,9 @@ def run(w: Workload, out_dir: Path) -> str:
     if acc_rows:
         print(f"{w.name} accelerate: fp32 weights GiB in RAM {acc_tiers['cpu'] / _GiB:.3f}, fp16 GiB read from disk "
               f"per forward {acc_tiers['disk'] / _GiB:.3f}")
-    _print_sweep(w, sweep, best)
+    print_sweep(w, sweep, best)
     _print_record(w.name, ours_rows, acc_rows, roof, machine, disk_bytes)
-    _print_page_cache(w.name, ours_rows + acc_rows + [r for _, r in sweep], limits)
+    print_page_cache(w.name, ours_rows + acc_rows + [r for _, r in sweep], limits)
     w1.print_other_load(w.name, cores)
 
     rows = [*(r for _, r in sweep), *ours_rows, *acc_rows, roof]
@@ -152,99 +138,6 @@ def run(w: Workload, out_dir: Path) -> str:
     return summary
 
 
-def fit_fraction(path: Path, budget: int) -> float:
-    """The largest weights fraction whose RAM-resident bytes stay within `budget`.
-
-    The runtime puts a tensor in RAM when the middle of its bytes lies below the fraction of its layer's
-    bytes (`runtime.weights.assign_tiers`; a tied weight is placed once, with its first layer), so the
-    resident bytes are a step function of the fraction.
-    """
-    from runtime.checkpoint import Checkpoint
-    from runtime.families import get_family
-
-    ckpt = Checkpoint(path)
-    seen, middles = set(), []  # (middle of the tensor's bytes as a fraction of its layer's, bytes)
-    for layer in get_family(ckpt.spec.family).build_layers(ckpt.spec):
-        specs = [s for s in layer.weight_specs() if s.sources not in seen]
-        seen.update(s.sources for s in specs)
-        sizes = [torch.Size(s.shape).numel() * ckpt.dtype_of(s.sources[0]).itemsize for s in specs]
-        done = 0
-        for size in sizes:
-            middles.append(((done + size / 2) / max(1, sum(sizes)), size))
-            done += size
-    ckpt.close()
-    fraction, resident = budget / sum(size for _, size in middles), 0
-    for middle, size in sorted(middles):
-        if middle >= fraction or resident + size > budget:
-            return min(fraction, middle)  # every tensor whose middle lies below this one stays in RAM
-        resident += size
-    return fraction
-
-
-def sweep_policies(w: Workload, fraction: float):
-    from runtime import Policy
-    from runtime.policy import Placement
-
-    return [Policy(gpu_batch_size=w.batch // nb, num_gpu_batches=nb, overlap=overlap, device="cpu",
-                   weights=Placement(fraction, 0.0), weight_format="checkpoint")
-            for overlap in (True, False) for nb in (1, 2) if w.batch % nb == 0]
-
-
-def label(policy) -> str:
-    return f"{policy.gpu_batch_size}x{policy.num_gpu_batches} overlap {'on' if policy.overlap else 'off'}"
-
-
-def projected_s(row: Row, batch: int, output_len: int) -> float:
-    """Prefill + decode seconds of `row` with its decode steps scaled to `output_len` tokens."""
-    steps = row.tokens // batch - 1  # decode steps of the run (the prefill yields the first token)
-    return row.prefill_s + (row.decode_s / steps * (output_len - 1) if steps > 0 else 0.0)
-
-
-class _Side:
-    """One engine in its own worker process and, where possible, its own memory cgroup."""
-
-    def __init__(self, name: str, watched: list[Path], stack: ExitStack) -> None:
-        self.name, self.watched = name, watched
-        self.cgroup = MemoryCgroup.create(f"flexhelm-bench-{name}")
-        if self.cgroup:
-            stack.callback(self.cgroup.remove)
-        # closed before its cgroup is removed (ExitStack unwinds last in, first out)
-        self.worker = stack.enter_context(Worker(name, preload=w2_engines.__name__))
-        if self.cgroup:
-            self.cgroup.add(self.worker.pid)
-        self._hits = 0
-
-    def load(self, warm_up: int, fn, *args) -> dict[str, int]:
-        """Build the engine in the worker, warm it up untimed (`warm_up` tokens), then bound the worker's
-        memory. Warm up as long as the runs where the worker's memory keeps growing over a run: the
-        limit is its memory after the warm-up + `_HEADROOM`, and memory it cannot reclaim is not swapped."""
-        if self.cgroup:
-            self.cgroup.limit(None)
-        info = self.worker.call(fn, *args)
-        self.run("warm-up", -1, warm_up)
-        evict(self.watched)
-        if self.cgroup:
-            self.cgroup.limit(self.cgroup.usage() + _HEADROOM)
-        return info
-
-    def run(self, engine: str, rep: int, n: int, policy: str = "") -> tuple[OffloadRow, w1.Ids]:
-        evict(self.watched)
-        cached = cached_bytes(self.watched)
-        before = read_bytes(self.worker.pid)
-        row, ids, extra = self.worker.call(w2_engines.run, rep, n)
-        after = read_bytes(self.worker.pid)
-        disk_read = after - before if before is not None and after is not None else None
-        out = OffloadRow(**{**asdict(row), "engine": engine}, policy=policy, cached_before=cached,
-                         disk_read=disk_read, **extra)
-        return out, ids
-
-    def limit_note(self) -> str:
-        if self.cgroup is None:
-            return "no memory cgroup (not writable here): page cache unbounded during runs"
-        return (f"memory cgroup limit = warm-up memory + {_HEADROOM / _GiB:.1f} GiB, reached "
-                f"{self.cgroup.limit_hits()} times")
-
-
 # ---- printing ---------------------------------------------------------------------------------------
 
 def _accelerate_available(w: Workload) -> bool:
@@ -257,21 +150,6 @@ def _accelerate_available(w: Workload) -> bool:
                        "pip install 'flexhelm[bench]' (or pip install accelerate)")
 
 
-def _print_sweep(w: Workload, sweep: list, best) -> None:
-    for policy, row in sweep:
-        tput = w.batch * w.output_len / projected_s(row, w.batch, w.output_len)
-        print(f"{w.name} sweep {label(policy)}: {tput:.2f} tok/s projected to {w.output_len} tokens; {_breakdown(row)}")
-    print(f"{w.name} best policy: {label(best)} (the headline runs it)")
-
-
-def _breakdown(row: OffloadRow) -> str:
-    text = f"prefill {row.prefill_s:.2f} s + decode {row.decode_s:.2f} s"
-    if row.fetch_s is not None:
-        text += (f"; blocked on disk {row.io_wait_s:.2f} s, converting {row.fetch_s - row.io_wait_s:.2f} s, "
-                 f"compute and the rest {row.busy_s - row.fetch_s:.2f} s")
-    return text + f"; peak RSS {row.peak_rss / _GiB:.2f} GiB"
-
-
 def _print_record(name: str, ours: list[OffloadRow], acc: list[OffloadRow], roof: Row,
                   machine: roofline.Machine, disk_bytes: int) -> None:
     """Absolute figures, for the record only: they move with the machine's load."""
@@ -282,7 +160,7 @@ def _print_record(name: str, ours: list[OffloadRow], acc: list[OffloadRow], roof
             print(f"{name} {m.engine}: {tput:.2f} tok/s median; prefill {m.prefill_s:.2f} s + decode "
                   f"{m.decode_s:.2f} s, wall {m.wall_s:.2f} s, peak RSS "
                   f"{statistics.median(r.peak_rss for r in rows) / _GiB:.2f} GiB")
-    print(f"{name} ours time (median run): {_breakdown(sorted(ours, key=lambda r: r.busy_s)[len(ours) // 2])}")
+    print(f"{name} ours time (median run): {breakdown(sorted(ours, key=lambda r: r.busy_s)[len(ours) // 2])}")
     peaks = ", ".join(f"m={m}: {f / 1e9:.0f}" for m, f in sorted(machine.gemm_flops.items(), reverse=True))
     print(f"{name} roofline: {roof.throughput:.2f} tok/s; prefill {roof.prefill_s:.2f} s + decode "
           f"{roof.decode_s:.2f} s; {disk_bytes / 1e9:.2f} GB from disk per step at "
@@ -290,12 +168,3 @@ def _print_record(name: str, ours: list[OffloadRow], acc: list[OffloadRow], roof
           f"GEMM peak GFLOP/s {peaks}; RAM {machine.ram_bytes_per_s / 1e9:.1f} GB/s")
 
 
-def _print_page_cache(name: str, rows: list[OffloadRow], limits: dict[str, str]) -> None:
-    cached = [r.cached_before for r in rows if r.cached_before is not None]
-    print(f"{name} page cache before each run: " + (
-        f"at most {max(cached) / 2**20:.1f} MiB of the model and offload files cached (fincore)" if cached
-        else "unchecked (no fincore)"))
-    for engine, note in limits.items():
-        mine = [r for r in rows if r.engine.startswith(engine) and r.disk_read is not None and r.requested]
-        reads = ", ".join(f"{r.disk_read / 1e9:.2f}/{r.requested / 1e9:.2f} GB" for r in mine)
-        print(f"{name} {engine}: {note}; read from the device / disk weights asked for, per run: {reads or 'n/a'}")

@@ -44,5 +44,7 @@ _ALL = (
     Workload("W2", "offloading: opt-1.3b stored fp16, at most 0.5 GiB of weights in RAM, the rest read from "
              "disk past the page cache, batch 16, prompt 32, output 32; ours/accelerate throughput and fraction "
              "of roofline", "opt-1.3b", 16, 32, 32, repeats=1, weight_ram_bytes=2**29, module="w2"),
+    Workload("W3", "compression: W2's setup with 4-bit weights and KV cache (group 64) against fp16, both ours; "
+             "4bit/fp16 throughput", "opt-1.3b", 16, 32, 32, repeats=1, weight_ram_bytes=2**29, module="w3"),
 )
 BY_NAME = {w.name: w for w in _ALL}
