@@ -18,6 +18,11 @@ HELM's `Token` carries only (text, logprob), no top-k, so the two are measured b
   When a token straddles the context/target boundary it is counted with the target (`target_aligned` = 0
   flags this; with GPT-2-style BPE the leading space starts the word's first token, so it is rare).
 
+A passage longer than the model's window is cut from the right by HELM's adapters (lm-evaluation-harness
+cuts the context from the left instead). Both metrics leave such a passage out and it shows as
+`prompt_truncated` (HELM's basic metric for `greedy`, ours for `likelihood`). The longest passage is 224
+GPT-2/OPT tokens, so none is cut for real models.
+
 Texts are compared as UTF-8 bytes; a token in HELM's byte notation (`bytes:\\xe2\\x80`) counts as those
 bytes, so a word split inside a multi-byte character still matches.
 """
@@ -91,6 +96,8 @@ class LambadaAccuracyMetric(Metric):
         eval_cache_path: str,
     ) -> list[Stat]:
         assert request_state.result is not None
+        if request_state.prompt_truncated:
+            return []  # context cut from the right to fit the window: not this passage (module docstring)
         completion = request_state.result.completions[0]
         if completion.text and not completion.tokens:
             # Without tokens the boundary check is impossible; a silent 0 would look like a bad model.
@@ -115,8 +122,11 @@ class LambadaLikelihoodMetric(ReferenceMetric):
     """Target log-likelihood from an echoed context + " " + target (module doc).
 
     Per instance: `target_logprob` (sum over the covering tokens), `target_logprob_per_token`,
-    `num_target_tokens`, `target_aligned`. Per run additionally `target_perplexity` =
-    exp(-mean target_logprob), lm-evaluation-harness's LAMBADA perplexity.
+    `num_target_tokens`, `target_aligned`, `prompt_truncated`. Per run additionally `target_perplexity` =
+    exp(-mean target_logprob), lm-evaluation-harness's LAMBADA perplexity. A passage longer than the
+    model's window is cut from the right by HELM's adapter, target included (lm-evaluation-harness cuts
+    the context from the left): it gets `prompt_truncated` = 1 and no target stats, so the means are over
+    the passages that fit (all of them for real models: the longest is 224 GPT-2/OPT tokens).
     """
 
     def __repr__(self) -> str:
@@ -131,8 +141,12 @@ class LambadaLikelihoodMetric(ReferenceMetric):
     ) -> list[Stat]:
         (request_state,) = reference_request_states  # one reference: the target
         assert request_state.result is not None
-        # The prompt ends with output_prefix + target + output_suffix (" " + target for our run spec).
+        # The prompt ends with output_prefix + target + output_suffix (" " + target for our run spec) unless
+        # HELM cut it from the right to fit the model's window: then the target is gone and nothing is scored.
         goal = adapter_spec.output_prefix + _target(request_state) + adapter_spec.output_suffix
+        truncated = request_state.prompt_truncated or not request_state.request.prompt.endswith(goal)
+        if truncated:
+            return [Stat(MetricName("prompt_truncated")).add(1.0)]
         tokens, aligned = covering_suffix(list(request_state.result.completions[0].tokens), goal)
         logprob = sum(token.logprob for token in tokens)
         if math.isnan(logprob):
@@ -142,6 +156,7 @@ class LambadaLikelihoodMetric(ReferenceMetric):
             Stat(MetricName("target_logprob_per_token")).add(logprob / len(tokens)),
             Stat(MetricName("num_target_tokens")).add(len(tokens)),
             Stat(MetricName("target_aligned")).add(float(aligned)),
+            Stat(MetricName("prompt_truncated")).add(0.0),
         ]
 
     def evaluate(
@@ -174,6 +189,12 @@ class LambadaLikelihoodMetric(ReferenceMetric):
                 name="target_aligned",
                 display_name="Target token-aligned",
                 description="Fraction of instances whose target starts at a token boundary.",
+                lower_is_better=None,
+            ),
+            MetricMetadata(
+                name="prompt_truncated",
+                display_name="truncated",
+                description="Fraction of passages cut to fit the model's window (not scored).",
                 lower_is_better=None,
             ),
             MetricMetadata(

@@ -45,7 +45,7 @@ from scenarios.synthetic import SyntheticScenario
 from scenarios.wikitext import WikiTextScenario
 
 LAMBADA_MAX_TOKENS = 12
-"""Greedy tokens generated per LAMBADA passage: enough for the longest target (18 characters)."""
+"""Greedy tokens generated per LAMBADA passage: the longest target (" " + word) is 10 GPT-2/OPT tokens."""
 
 
 class LambadaMethod(str, Enum):

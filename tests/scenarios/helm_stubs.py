@@ -48,8 +48,10 @@ def answered(
     tokens: list[tuple[str, float]],
     reference_index: int | None = None,
     num_conditioning_tokens: int = 0,
+    prompt: str | None = None,
 ) -> RequestState:
-    """A request state for `instance` whose one completion is `tokens` as (text, logprob)."""
+    """A request state for `instance` whose one completion is `tokens` as (text, logprob); the prompt
+    defaults to the tokens' text (an echo request)."""
     text = "".join(t for t, _ in tokens)
     return RequestState(
         instance=instance,
@@ -57,7 +59,7 @@ def answered(
         request_mode="original" if reference_index is not None else None,
         train_trial_index=0,
         output_mapping=None,
-        request=Request(model="test/model", model_deployment="test/model", prompt=""),
+        request=Request(model="test/model", model_deployment="test/model", prompt=text if prompt is None else prompt),
         result=RequestResult(
             success=True,
             embedding=[],

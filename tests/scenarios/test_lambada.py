@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -126,6 +127,12 @@ def test_accuracy_metric_on_request_states():
     assert len(result.per_instance_stats) == 3
 
 
+def test_accuracy_metric_leaves_out_a_truncated_prompt():
+    state = answered(make_instance("a b"), [(" b", 0.0)])
+    state = dataclasses.replace(state, prompt_truncated=True)
+    assert LambadaAccuracyMetric().evaluate_generation(lambada_run_spec().adapter_spec, state, None, "") == []
+
+
 def test_accuracy_metric_refuses_text_without_tokens():
     state = answered(make_instance("a b"), [])
     state.result.completions[0] = GeneratedOutput(text=" b", logprob=0.0, tokens=[])
@@ -158,6 +165,21 @@ def test_likelihood_metric_sums_target_tokens_and_reports_perplexity():
     assert stats["num_target_tokens"].mean == pytest.approx(1.5)
     assert stats["target_aligned"].mean == 1.0
     assert stats["target_perplexity"].mean == pytest.approx(math.exp(1.75))
+    assert stats["prompt_truncated"].mean == 0.0
+
+
+def test_likelihood_metric_skips_a_passage_cut_to_fit_the_window():
+    # HELM cuts a too-long prompt from the right: the target is gone, so the passage is counted, not scored.
+    spec = lambada_run_spec(method="likelihood").adapter_spec
+    instances = with_instance_ids([make_instance("I look at Harlin"), make_instance("the cat sat")])
+    states = [
+        answered(instances[0], [("I", 0.0), (" look", -4.0), (" at", -2.0)], 0),  # prompt "I look at"
+        answered(instances[1], [("the", 0.0), (" cat", -3.0), (" sat", -2.0)], 0),
+    ]
+    result = LambadaLikelihoodMetric().evaluate(ScenarioState(spec, states), None, "", parallelism=1)
+    stats = {s.name.name: s for s in result.aggregated_stats if not s.name.perturbation}
+    assert stats["prompt_truncated"].mean == 0.5
+    assert (stats["target_logprob"].count, stats["target_logprob"].mean) == (1, -2.0)
 
 
 # --- adapted requests ----------------------------------------------------------------------------------
