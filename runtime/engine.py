@@ -274,7 +274,9 @@ class Engine:
         weights = self.weights.bytes_by_tier()
         planned = {tier: weights[tier] + self.runner.cache_peak[tier] for tier in weights}
         peaks = self._memory.read()
-        peaks["disk"] = planned["disk"]  # offloaded weights and the cache files written
+        # measured: weights stored on disk (read in place or prepared) plus the most blocks the scratch files
+        # (KV cache, activations) have occupied, counted while they existed
+        peaks["disk"] = weights["disk"] + self.runner.scratch_peak
         return CallStats(timer.totals["prefill"], timer.totals["decode"], prompt_tokens, generated, peaks,
                          planned)
 

@@ -65,6 +65,17 @@ class OffloadDir:
                                "--offload-dir") from None
         return path
 
+    def scratch_bytes(self) -> int:
+        """Bytes the scratch files occupy on disk now: allocated blocks, so a sparse cache file counts only
+        what has been written into it (what `df` would show), not its nominal size."""
+        total = 0
+        for path in self.scratch.iterdir():
+            try:
+                total += path.stat().st_blocks * 512
+            except FileNotFoundError:  # removed meanwhile (a closing slot)
+                pass
+        return total
+
     def close(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)
 

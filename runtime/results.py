@@ -18,7 +18,8 @@ class CallStats:
     generated_tokens: int
     """Tokens generated, each sequence counted up to and including the token that finished it."""
     peak_memory: dict[str, int] = field(default_factory=dict)
-    """Peak bytes per tier during the call (`host`: peak RSS; `device`: CUDA allocations; `disk`: offloaded)."""
+    """Peak bytes per tier during the call (`host`: peak RSS; `device`: CUDA allocations; `disk`: weights stored
+    on disk plus the blocks the KV cache and activation scratch files occupied, measured while they existed)."""
     planned_memory: dict[str, int] = field(default_factory=dict)
     """Bytes the policy placed on each tier: weights plus the largest KV cache (on a CPU host, device = RAM)."""
 

@@ -61,6 +61,8 @@ class BlockRunner:
 
         self.layers, self.weights, self.spec, self.policy = layers, weights, spec, policy
         self.device, self.dtype, self.io, self.offload = device, dtype, io, offload
+        self.scratch_peak = 0
+        """Most bytes the KV cache and activation scratch files have occupied on disk (measured)."""
         self.ring = StagingRing(pin=policy.pin_host_memory and device.type == "cuda")
         self.kv_codec = KVCodec(policy.compress_cache, spec.head_dim) if policy.compress_cache else None
         self.cache_peak = {"device": 0, "host": 0, "disk": 0}  # largest KV cache per tier so far
@@ -79,8 +81,14 @@ class BlockRunner:
             self.cache_peak[tier] = max(self.cache_peak[tier], placed)
         return caches
 
+    def note_scratch(self) -> None:
+        """Measure the scratch files' blocks on disk while they exist (they are removed when closed)."""
+        if self.offload is not None:
+            self.scratch_peak = max(self.scratch_peak, self.offload.scratch_bytes())
+
     def close_caches(self, caches: list[dict[int, object]]) -> None:
         self.ring.drain()
+        self.note_scratch()
         for c in caches:
             for slot in c.values():
                 slot.close()
@@ -97,4 +105,5 @@ class BlockRunner:
         try:
             return run_layers(self.layers, self.weights, acts, contexts, caches, stop, self.policy.overlap)
         finally:
+            self.note_scratch()
             acts.close()
