@@ -46,5 +46,8 @@ _ALL = (
              "of roofline", "opt-1.3b", 16, 32, 32, repeats=1, weight_ram_bytes=2**29, module="w2"),
     Workload("W3", "compression: W2's setup with 4-bit weights and KV cache (group 64) against fp16, both ours; "
              "4bit/fp16 throughput", "opt-1.3b", 16, 32, 32, repeats=1, weight_ram_bytes=2**29, module="w3"),
+    # Not a speed ratio: the accuracy cost of compression on the shipped reference model (batch 32).
+    Workload("quality", "compression quality: WikiText-2 test perplexity and LAMBADA accuracy of the reference "
+             "model, stored precision against 4-/3-bit weights and cache", "opt-ref", 32, 0, 0, module="quality"),
 )
 BY_NAME = {w.name: w for w in _ALL}

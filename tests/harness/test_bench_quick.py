@@ -13,6 +13,7 @@ SUMMARY = {
     # accelerate is optional in quick mode: without it the baseline is skipped and the ratio is n/a
     "W2": r"W2 ours/accelerate=(\d+\.\d\d|n/a) roofline=\d+\.\d\d peak_rss_gb=\d+\.\d\d",
     "W3": r"W3 4bit/fp16=\d+\.\d\d",
+    "quality": r"quality w4\+c4: ppl [+-]\d+\.\d\d% lambada_acc [+-]\d+\.\d\d points",
 }
 
 
@@ -23,10 +24,11 @@ def test_quick_runs_and_prints_summary(name, tmp_path, monkeypatch, capsys):
     assert re.fullmatch(SUMMARY[name], summary)
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == summary  # the summary is the last line
     assert (tmp_path / "out" / f"{name}.csv").is_file()
-    assert (tmp_path / "cache" / "bench-models" / "opt-tiny" / "config.json").is_file()
+    if name != "quality":  # which runs on the shipped reference model
+        assert (tmp_path / "cache" / "bench-models" / "opt-tiny" / "config.json").is_file()
 
 
 def test_unknown_workload_lists_known_names():
-    with pytest.raises(ValueError, match="W1a, W1b, W2, W3"):
+    with pytest.raises(ValueError, match="W1a, W1b, W2, W3, quality"):
         run("W9")
-    assert set(WORKLOADS) == {"W1a", "W1b", "W2", "W3"}
+    assert set(WORKLOADS) == {"W1a", "W1b", "W2", "W3", "quality"}
