@@ -55,12 +55,15 @@ class Plan:
     """The memory constraint that is tight (`device memory`, ...), or `none`."""
     candidates: int
     """Batch shapes x compression x format tried."""
+    capacities: dict[str, int]
+    """The memory per tier planned within (the machine's, or the user's limits)."""
 
     def to_json(self) -> dict:
         p = self.prediction
         return {"policy": self.policy.to_json(), "throughput_tok_s": p.throughput, "prefill_s": p.prefill_s,
                 "decode_s": p.decode_s, "memory_bytes": p.memory, "bottleneck": p.bottleneck,
-                "binding": self.binding, "candidates": self.candidates}
+                "binding": self.binding, "candidates": self.candidates,
+                "capacity_bytes": dict(self.capacities), "terms_s_per_layer": p.terms}
 
 
 def batch_candidates(limit: int) -> list[int]:
@@ -96,7 +99,7 @@ def search(hw: HardwareSpec, model: ModelSpec, work: Workload, base: Policy | No
         for fmt in formats:
             for g in sizes:
                 for nb in counts:
-                    if g * nb > limit and not (batch_sizes and num_batches):
+                    if nb > 1 and g * nb > limit:  # a batch size the user fixed runs as one micro-batch
                         break
                     shape = replace(base, gpu_batch_size=g, num_gpu_batches=nb, compress_weight=qw,
                                     compress_cache=qc, weight_format=fmt)
@@ -109,7 +112,7 @@ def search(hw: HardwareSpec, model: ModelSpec, work: Workload, base: Policy | No
     if best is None:
         raise InfeasibleError(explain_infeasible(hw, model, work, replace(
             base, gpu_batch_size=min(sizes), num_gpu_batches=min(counts)), compressions, formats))
-    return Plan(best.policy, best, _binding(hw, best), tried)
+    return Plan(best.policy, best, _binding(hw, best), tried, capacities(hw))
 
 
 def _best_for_shape(hw, model, work, shape: Policy, lp: _LP) -> Prediction | None:
@@ -146,14 +149,15 @@ class _LP:
         x = cp.Variable(nv, nonneg=True)
         tau = cp.Variable(2)
         P = {name: cp.Parameter(shape, name=name) for name, shape in (
-            ("A", (2 * k, nv)), ("a", 2 * k), ("M", (6, nv)), ("m", 6), ("zero", nv), ("steps", 2))}
+            ("A", (2 * k, nv)), ("a", 2 * k), ("M", (6, nv)), ("m", 6), ("zero", nv), ("steps", 2),
+            ("tie", nv))}
         cons = [x[0:3].sum() == 1, x[3:6].sum() == 1, x[6:9].sum() == 1, cp.multiply(P["zero"], x) == 0,
                 P["M"] @ x <= P["m"]]
         rows = P["A"] @ x + P["a"]
         for i in range(2):
             phase = rows[i * k:(i + 1) * k]
             cons.append(tau[i] >= phase if overlap else tau[i] >= cp.sum(phase))
-        prob = cp.Problem(cp.Minimize(P["steps"] @ tau), cons)
+        prob = cp.Problem(cp.Minimize(P["steps"] @ tau + P["tie"] @ x), cons)
         return prob, x, P
 
     def solve(self, t: CostTerms, hw: HardwareSpec) -> dict[str, float] | None:
@@ -184,6 +188,11 @@ class _LP:
         P["m"].value = np.array([(caps[tier] - lin.const) / _GiB for lin, tier in zip(mem, TIERS * 2)])
         P["zero"].value = np.array(zero)
         P["steps"].value = np.array([t.layers, t.layers * (t.gen_len - 1)], dtype=float)
+        # Ties (I/O hidden under compute leaves many optima) go to the device, then the host: a placement
+        # the runtime runs with fewer transfers. One millionth of the time: never outweighs a real cost.
+        scale = 1e-6 * max(1e-9, float(P["steps"].value @ [sum(P["a"].value[:len(names)]),
+                                                            sum(P["a"].value[len(names):])]))
+        P["tie"].value = scale * np.array([0.0, 1.0, 2.0] * 3)
         try:
             prob.solve(solver=cp.CLARABEL)
         except cp.error.SolverError:
@@ -237,7 +246,10 @@ def explain_infeasible(hw: HardwareSpec, model: ModelSpec, work: Workload, shape
     have = ", ".join(f"{t} {caps[t] / _GiB:.2f} GiB" for t in TIERS)
     if not options:
         return f"no policy fits {what} in any tier ({have}); it needs more memory on every tier"
-    _, tier = min(options)
+    extra, tier = min(options)
+    if extra <= 0:  # memory would do: the placements that fit need a link of zero bandwidth
+        return (f"no policy runs {what} in finite time ({have}): the placements that fit need a link whose "
+                "bandwidth is 0 in the hardware spec")
     alternatives = "; ".join(f"or {t} >= {need[t] / _GiB:.2f} GiB" for _, t in sorted(options)[1:])
     return (f"no policy fits {what}: the binding tier is {tier} memory ({caps[tier] / _GiB:.2f} GiB); the "
             f"smallest {tier} memory that would work is {need[tier] / _GiB:.2f} GiB with the other tiers as "

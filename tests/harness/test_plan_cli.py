@@ -1,0 +1,79 @@
+"""`flexhelm plan`, `flexhelm profile` and the `auto` policy of `flexhelm generate`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.auto_policy import parse_size
+from harness.cli import main
+from tests.runtime.cost_fixtures import GiB, cpu_hardware
+
+OPT_175B = {"model_type": "opt", "hidden_size": 12288, "num_hidden_layers": 96, "num_attention_heads": 96,
+            "ffn_dim": 49152, "vocab_size": 50272, "max_position_embeddings": 2048, "torch_dtype": "float16"}
+
+
+@pytest.fixture
+def opt175b(tmp_path):
+    """OPT-175B's config.json alone: planning reads no weights."""
+    folder = tmp_path / "opt-175b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(OPT_175B))
+    return folder
+
+
+@pytest.fixture
+def cpu_json(tmp_path):
+    return cpu_hardware(device_mem=8 * GiB).save(tmp_path / "cpu.json")
+
+
+def test_plan_opt175b_on_flexgens_t4(opt175b, capsys):
+    argv = ["plan", "--model", str(opt175b), "--prompt-len", "512", "--gen-len", "32", "--hardware", "t4_flexgen"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for what in ("policy:", "predicted throughput:", "memory per tier", "bottleneck:", "binding constraint:"):
+        assert what in out
+    assert main(argv + ["--compress", "both", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["policy"]["compress_weight"]["bits"] == 4 and plan["throughput_tok_s"] > 0
+    assert all(plan["memory_bytes"][t] <= plan["capacity_bytes"][t] for t in ("device", "host", "disk"))
+
+
+def test_plan_honours_memory_limits_and_explains_infeasible(opt175b, capsys):
+    base = ["plan", "--model", str(opt175b), "--prompt-len", "512", "--gen-len", "32", "--hardware", "t4_flexgen"]
+    assert main(base + ["--host-mem", "100GiB", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["memory_bytes"]["host"] <= 100 * GiB
+    assert main(base + ["--host-mem", "100GiB", "--disk-mem", "50GiB"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flexhelm: error: no policy fits") and "binding tier is" in err and "smallest" in err
+
+
+def test_generate_auto_keeps_a_small_model_in_memory(tiny_opt, cpu_json, capsys):
+    path, _ = tiny_opt("pre")
+    argv = ["generate", "--model", str(path), "--prompt", "the quick brown", "--max-new-tokens", "5", "--json"]
+    assert main(argv) == 0  # the test suite's default policy: the fixed one
+    ref = json.loads(capsys.readouterr().out)
+    assert main(argv + ["--policy", "auto", "--hardware", str(cpu_json), "--host-mem", "4GiB"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert "auto policy:" in captured.err
+    assert out["prompts"][0]["output_ids"] == ref["prompts"][0]["output_ids"]
+    assert out["policy"]["weights"] == out["policy"]["cache"] == {"device": 1.0, "host": 0.0}
+    assert out["weight_bytes_by_tier"]["disk"] == 0
+
+
+def test_generate_auto_keeps_fixed_flags(tiny_opt, cpu_json, capsys):
+    path, _ = tiny_opt("pre")
+    argv = ["generate", "--model", str(path), "--prompt", "the quick brown", "--max-new-tokens", "3", "--json",
+            "--policy", "auto", "--hardware", str(cpu_json), "--batch-size", "3", "--compress-weight"]
+    assert main(argv) == 0
+    policy = json.loads(capsys.readouterr().out)["policy"]
+    assert policy["gpu_batch_size"] == 3 and policy["compress_weight"]["bits"] == 4
+
+
+def test_sizes_parse_with_units():
+    assert parse_size("6GiB") == 6 * GiB and parse_size("6G") == 6 * 10**9 and parse_size("512MiB") == 2**29
+    assert parse_size("6e9") == 6 * 10**9
+    with pytest.raises(Exception, match="not a size"):
+        parse_size("six gigs")
