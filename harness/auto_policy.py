@@ -133,3 +133,22 @@ def plan(model_dir, prompt_len: int, gen_len: int, num_seqs: int | None = None, 
     if not (hardware or os.environ.get("FLEXHELM_HARDWARE")):
         hw = usable_now(hw)
     return search((limits or Limits()).apply(hw), model_spec(model_dir), work, base, batch_sizes, num_batches, compress)
+
+
+_HELM_PLANS: dict[str, object] = {}
+
+
+def plan_for_helm(model_dir) -> object:
+    """The auto policy of the HELM backend, planned once per model folder. HELM's requests are not known
+    up front, so it plans for the longest: prompts filling the context but `HELM_GEN_LEN` tokens, which
+    leaves room for the KV cache of any request the model accepts."""
+    key = str(Path(model_dir).expanduser().resolve())
+    if key not in _HELM_PLANS:
+        spec = model_spec(key)
+        gen = min(HELM_GEN_LEN, spec.max_positions // 2)
+        _HELM_PLANS[key] = plan(key, spec.max_positions - gen, gen).policy
+    return _HELM_PLANS[key]
+
+
+HELM_GEN_LEN = 64
+"""Tokens of output the HELM backend's plan provisions per sequence."""

@@ -77,3 +77,16 @@ def test_sizes_parse_with_units():
     assert parse_size("6e9") == 6 * 10**9
     with pytest.raises(Exception, match="not a size"):
         parse_size("six gigs")
+
+
+def test_harness_backend_plans_auto_for_the_model(tiny_opt, cpu_json, monkeypatch):
+    from harness import auto_policy
+    from harness.backend import policy_from
+
+    path, _ = tiny_opt("pre")
+    monkeypatch.setenv("FLEXHELM_HARDWARE", str(cpu_json))
+    monkeypatch.setattr(auto_policy, "_HELM_PLANS", {})
+    policy = policy_from("auto", path)
+    assert policy.weights.device == policy.cache.device == 1.0
+    monkeypatch.setenv("FLEXHELM_DEFAULT_POLICY", "auto")
+    assert policy_from(None, path) == policy
