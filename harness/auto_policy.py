@@ -129,10 +129,17 @@ def plan(model_dir, prompt_len: int, gen_len: int, num_seqs: int | None = None, 
         work = Workload(prompt_len, gen_len, num_seqs)
     except ValueError as e:
         raise InputError(str(e)) from None
+    hw = hardware_for(hardware, limits, offload_dir)
+    return search(hw, model_spec(model_dir), work, base, batch_sizes, num_batches, compress)
+
+
+def hardware_for(hardware: str | None = None, limits: Limits | None = None, offload_dir: str | None = None):
+    """The spec a plan uses: `load_hardware`, capped at the RAM available now when it is this machine's,
+    with the user's limits applied."""
     hw = load_hardware(hardware, offload_dir)
     if not (hardware or os.environ.get("FLEXHELM_HARDWARE")):
         hw = usable_now(hw)
-    return search((limits or Limits()).apply(hw), model_spec(model_dir), work, base, batch_sizes, num_batches, compress)
+    return (limits or Limits()).apply(hw)
 
 
 _HELM_PLANS: dict[str, object] = {}

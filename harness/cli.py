@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan_cli.add_planning_args(g)
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("bench", help="run a benchmark workload (W1a, W1b, W2, W3) against its baseline")
+    b = sub.add_parser("bench", help="run a benchmark workload (W1a, W1b, W1c, W2, W3, W4) against its baseline")
     b.add_argument("name")
     b.add_argument("--out", default="results/bench", help="folder for the CSV and PNG")
     b.add_argument("--quick", action="store_true", help="tiny model, for a smoke test")

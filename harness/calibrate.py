@@ -1,0 +1,87 @@
+"""`flexhelm profile --fit`: fit the cost model's efficiency factors to a few short measured runs.
+
+FlexGen's fit script meant to fit its constants to measured runs; this does it for our three factors
+(`runtime.hardware.Calibration`). A random-weight OPT (harness/bench/models.py, built once) generates a
+few short batches under policies that stress different terms: all in RAM at several batch shapes
+(compute and per-call overhead) and weights read from disk (I/O). Per phase of each run the cost model,
+uncalibrated, gives the compute seconds C, the number of (layer, micro-batch) calls K and the I/O seconds
+D; then
+- compute and call overhead: non-negative least squares of measured ~ a * C + o * K over the phases of
+  the runs that read nothing from disk;
+- io: the median of measured / D over the disk runs' phases where D exceeds a * C + o * K (I/O-bound).
+A run is timed after an untimed warm-up, with the model's pages evicted before disk runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from harness.auto_policy import model_spec
+
+PROMPT_LEN, GEN_LEN, SEQS = 32, 8, 8
+
+
+def fit(hw, model: str = "opt-125m", log=print):
+    """`hw` with a `Calibration` fitted to runs of the random-weight `model` on this machine."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    from harness.bench import models
+    from harness.bench.pagecache import evict
+    from runtime.cost_model import PHASES, Workload, predict
+    from runtime.hardware import Calibration
+    from runtime.policy import Placement, Policy
+
+    path = models.ensure_model(model)
+    spec = model_spec(path)
+    work = Workload(PROMPT_LEN, GEN_LEN, SEQS)
+    policies = [Policy(gpu_batch_size=1, device="cpu"), Policy(gpu_batch_size=8, device="cpu"),
+                Policy(gpu_batch_size=2, num_gpu_batches=4, device="cpu"),
+                Policy(gpu_batch_size=8, device="cpu", weight_format="checkpoint", weights=Placement(0.0, 0.0)),
+                Policy(gpu_batch_size=4, num_gpu_batches=2, device="cpu", weight_format="checkpoint",
+                       weights=Placement(0.5, 0.0))]
+    identity = replace(hw, calibration=Calibration())
+    compute_rows, io_rows = [], []  # (C, K, measured) and (C, K, D, measured)
+    with tempfile.TemporaryDirectory(prefix="flexhelm-fit-") as scratch:
+        for policy in policies:
+            measured = _measure(path, policy, Path(scratch), evict)
+            pred = predict(identity, spec, work, policy)
+            steps = {"prefill": 1, "decode": GEN_LEN - 1}
+            blocks = -(-SEQS // policy.block_size)
+            for phase in PHASES:
+                n = spec.num_layers * steps[phase] * blocks
+                terms = pred.terms[phase]
+                c, k = n * terms["compute"], n * policy.num_gpu_batches
+                d = n * max(v for name, v in terms.items() if name != "compute")
+                (io_rows if policy.offloads() else compute_rows).append((c, k, d, measured[phase]))
+            log(f"  fit run {policy.gpu_batch_size}x{policy.num_gpu_batches}, weights on disk "
+                f"{policy.weights.disk:.0%}: prefill {measured['prefill']:.3f} s, decode {measured['decode']:.3f} s "
+                f"(uncalibrated model: {pred.prefill_s:.3f} s, {pred.decode_s:.3f} s)")
+    (a, o), _ = nnls(np.array([[c, k] for c, k, _, _ in compute_rows]), np.array([m for *_, m in compute_rows]))
+    a = a if a > 0 else 1.0
+    bound = [m / d for c, k, d, m in io_rows if d > a * c + o * k]
+    b = statistics.median(bound) if bound else 1.0
+    calibration = Calibration(compute=float(a), io=float(b), call_overhead_s=float(o))
+    log(f"  calibration: compute x{a:.2f}, io x{b:.2f}, {o * 1e6:.0f} us per layer call"
+        + ("" if bound else " (no run was I/O-bound: io left at 1)"))
+    return replace(hw, calibration=calibration)
+
+
+def _measure(path: Path, policy, scratch: Path, evict) -> dict[str, float]:
+    """Seconds of prefill and decode of one timed generate (after a warm-up) under `policy`."""
+    import torch
+
+    from runtime import Engine
+
+    prompts = torch.randint(4, 1000, (SEQS, PROMPT_LEN), generator=torch.Generator().manual_seed(0)).tolist()
+    engine = Engine(path, policy, offload_dir=scratch)
+    try:
+        engine.generate(prompts, GEN_LEN, stop_at_eos=False)  # warm-up: buffers, caches, threads
+        evict([path, scratch])
+        stats = engine.generate(prompts, GEN_LEN, stop_at_eos=False).stats
+    finally:
+        engine.close()
+    return {"prefill": stats.prefill_s, "decode": stats.decode_s}
