@@ -31,7 +31,7 @@ Where this departs from FlexGen's `cost_model.py`, and why:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from runtime.hardware import HardwareSpec
 from runtime.policy import Policy, QuantConfig, WeightFormat
@@ -122,8 +122,15 @@ class Prediction:
         return {t: self.memory[t] <= caps[t] * (1 + 1e-9) + 1 for t in TIERS}
 
 
-def capacities(hw: HardwareSpec) -> dict[str, int]:
-    return {"device": hw.device_mem, "host": hw.host_mem, "disk": hw.disk_mem}
+MEMORY_HEADROOM = 0.95
+"""Share of device and host memory a plan may fill: allocator slack and what the model does not count
+(tokenizer, Python objects). FlexGen's search plans within 90 % of GPU and CPU memory."""
+
+
+def capacities(hw: HardwareSpec, usable: bool = True) -> dict[str, int]:
+    """Bytes per tier: what a plan may fill (`usable`: RAM tiers less the headroom) or what there is."""
+    f = MEMORY_HEADROOM if usable else 1.0
+    return {"device": int(hw.device_mem * f), "host": int(hw.host_mem * f), "disk": hw.disk_mem}
 
 
 def fractions(policy: Policy) -> dict[str, float]:
@@ -306,11 +313,15 @@ def num_blocks(work: Workload, policy: Policy) -> int:
 
 def predict(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy) -> Prediction:
     """Time, throughput, peak memory per tier and bottleneck of `policy` on this workload."""
-    t = terms(hw, model, work, policy)
+    shape = policy
+    if work.num_seqs is not None and policy.block_size > work.num_seqs:  # one block of all the sequences
+        g = min(policy.gpu_batch_size, work.num_seqs)
+        shape = replace(policy, gpu_batch_size=g, num_gpu_batches=math.ceil(work.num_seqs / g))
+    t = terms(hw, model, work, shape)
     x = fractions(policy)
     prefill, decode, values = block_seconds(t, x)
-    blocks = num_blocks(work, policy)
-    seqs = work.num_seqs if work.num_seqs is not None else policy.block_size
+    blocks = num_blocks(work, shape)
+    seqs = work.num_seqs if work.num_seqs is not None else shape.block_size
     total = blocks * (prefill + decode)
     phase = "decode" if decode >= prefill else "prefill"
     bottleneck = f"{phase}: {max(values[phase], key=values[phase].get)}"

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, replace
 
 from runtime.cost_model import (
+    MEMORY_HEADROOM,
     PHASES,
     TIERS,
     VARS,
@@ -56,7 +57,8 @@ class Plan:
     candidates: int
     """Batch shapes x compression x format tried."""
     capacities: dict[str, int]
-    """The memory per tier planned within (the machine's, or the user's limits)."""
+    """The memory per tier (the machine's, or the user's limits); plans fill device and host memory only
+    up to `cost_model.MEMORY_HEADROOM` of it."""
 
     def to_json(self) -> dict:
         p = self.prediction
@@ -112,7 +114,7 @@ def search(hw: HardwareSpec, model: ModelSpec, work: Workload, base: Policy | No
     if best is None:
         raise InfeasibleError(explain_infeasible(hw, model, work, replace(
             base, gpu_batch_size=min(sizes), num_gpu_batches=min(counts)), compressions, formats))
-    return Plan(best.policy, best, _binding(hw, best), tried, capacities(hw))
+    return Plan(best.policy, best, _binding(hw, best), tried, capacities(hw, usable=False))
 
 
 def _best_for_shape(hw, model, work, shape: Policy, lp: _LP) -> Prediction | None:
@@ -242,6 +244,8 @@ def explain_infeasible(hw: HardwareSpec, model: ModelSpec, work: Workload, shape
     blocks = num_blocks(work, shape)
     what = (f"{model.family} with {model.num_parameters() / 1e9:.3g}B parameters, prompt {work.prompt_len}, "
             f"output {work.gen_len}, batch {shape.gpu_batch_size}x{shape.num_gpu_batches} ({blocks} block(s))")
+    need = {t: need[t] / (1 if t == "disk" else MEMORY_HEADROOM) for t in TIERS}  # memory to have, headroom in
+    caps = capacities(hw, usable=False)
     options = [(need[t] - caps[t], t) for t in TIERS if math.isfinite(need[t])]
     have = ", ".join(f"{t} {caps[t] / _GiB:.2f} GiB" for t in TIERS)
     if not options:
