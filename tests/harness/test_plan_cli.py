@@ -90,3 +90,17 @@ def test_harness_backend_plans_auto_for_the_model(tiny_opt, cpu_json, monkeypatc
     assert policy.weights.device == policy.cache.device == 1.0
     monkeypatch.setenv("FLEXHELM_DEFAULT_POLICY", "auto")
     assert policy_from(None, path) == policy
+
+
+def test_profile_writes_a_spec_and_fit_calibrates_it(tmp_path, monkeypatch, capsys):
+    from harness.calibrate import fit
+    from runtime.hardware import HardwareSpec
+
+    monkeypatch.setenv("FLEXHELM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "hw.json"
+    assert main(["profile", "--out", str(out), "--offload-dir", str(tmp_path / "scratch")]) == 0
+    hw = HardwareSpec.load(out)
+    assert not hw.accelerator and hw.host_mem == 0 and hw.device_mem > 0 and hw.disk_to_host > 0
+    assert hw.matmul_rate("float32", 2048) > hw.matmul_rate("float32", 1) > 0
+    calibrated = fit(hw, model="opt-tiny", log=lambda s: None)
+    assert calibrated.calibration.compute > 0 and calibrated.calibration.call_overhead_s >= 0
