@@ -8,8 +8,10 @@ uncalibrated, gives the compute seconds C, the number of (layer, micro-batch) ca
 D; then
 - compute and call overhead: non-negative least squares of measured ~ a * C + o * K over the phases of
   the runs that read nothing from disk;
-- io: the median of measured / D over the disk runs' phases where D exceeds a * C + o * K (I/O-bound).
-A run is timed after an untimed warm-up, with the model's pages evicted before disk runs.
+- io: the median of measured / D over the disk runs' phases where D exceeds a * C + o * K (I/O-bound);
+- memory: the median of peak RSS / modelled RAM over the runs (at least 1).
+Each run is a fresh worker process (harness/bench/budget.py: its peak RSS is its own, load included),
+timed after an untimed warm-up, with the model's pages evicted first.
 """
 
 from __future__ import annotations
@@ -29,8 +31,7 @@ def fit(hw, model: str = "opt-125m", log=print):
     import numpy as np
     from scipy.optimize import nnls
 
-    from harness.bench import models
-    from harness.bench.pagecache import evict
+    from harness.bench import budget, models
     from runtime.cost_model import PHASES, Workload, predict
     from runtime.hardware import Calibration
     from runtime.policy import Placement, Policy
@@ -44,11 +45,14 @@ def fit(hw, model: str = "opt-125m", log=print):
                 Policy(gpu_batch_size=4, num_gpu_batches=2, device="cpu", weight_format="checkpoint",
                        weights=Placement(0.5, 0.0))]
     identity = replace(hw, calibration=Calibration())
-    compute_rows, io_rows = [], []  # (C, K, measured) and (C, K, D, measured)
+    compute_rows, io_rows, ram = [], [], []  # (C, K, D, measured) per phase; peak RSS / modelled per run
+    prompts = [[4 + (i * 7 + j) % 1000 for j in range(PROMPT_LEN)] for i in range(SEQS)]
     with tempfile.TemporaryDirectory(prefix="flexhelm-fit-") as scratch:
-        for policy in policies:
-            measured = _measure(path, policy, Path(scratch), evict)
+        for i, policy in enumerate(policies):
+            row, peak = budget.measure_ours(path, policy, prompts, GEN_LEN, Path(scratch) / str(i), "fit", True)
+            measured = {"prefill": row.prefill_s, "decode": row.decode_s}
             pred = predict(identity, spec, work, policy)
+            ram.append(peak / (pred.memory["device"] + pred.memory["host"]))
             steps = {"prefill": 1, "decode": GEN_LEN - 1}
             blocks = -(-SEQS // policy.block_size)
             for phase in PHASES:
@@ -64,24 +68,8 @@ def fit(hw, model: str = "opt-125m", log=print):
     a = a if a > 0 else 1.0
     bound = [m / d for c, k, d, m in io_rows if d > a * c + o * k]
     b = statistics.median(bound) if bound else 1.0
-    calibration = Calibration(compute=float(a), io=float(b), call_overhead_s=float(o))
-    log(f"  calibration: compute x{a:.2f}, io x{b:.2f}, {o * 1e6:.0f} us per layer call"
+    memory = max(1.0, statistics.median(ram))
+    calibration = Calibration(compute=float(a), io=float(b), call_overhead_s=float(o), memory=memory)
+    log(f"  calibration: compute x{a:.2f}, io x{b:.2f}, {o * 1e6:.0f} us per layer call, RAM x{memory:.2f}"
         + ("" if bound else " (no run was I/O-bound: io left at 1)"))
     return replace(hw, calibration=calibration)
-
-
-def _measure(path: Path, policy, scratch: Path, evict) -> dict[str, float]:
-    """Seconds of prefill and decode of one timed generate (after a warm-up) under `policy`."""
-    import torch
-
-    from runtime import Engine
-
-    prompts = torch.randint(4, 1000, (SEQS, PROMPT_LEN), generator=torch.Generator().manual_seed(0)).tolist()
-    engine = Engine(path, policy, offload_dir=scratch)
-    try:
-        engine.generate(prompts, GEN_LEN, stop_at_eos=False)  # warm-up: buffers, caches, threads
-        evict([path, scratch])
-        stats = engine.generate(prompts, GEN_LEN, stop_at_eos=False).stats
-    finally:
-        engine.close()
-    return {"prefill": stats.prefill_s, "decode": stats.decode_s}

@@ -25,7 +25,7 @@ Where this departs from FlexGen's `cost_model.py`, and why:
   kernel's rate where the runtime uses it, else dequantization at the measured rate before the matmul.
 - Memory terms that exist only when something is offloaded (staging buffers) are counted when the
   placement offloads; the LP, which cannot express "if", counts them always (`assume_offload`).
-- A fitted `Calibration` scales compute and I/O and adds a per-call overhead (FlexGen fits nothing).
+- A fitted `Calibration` scales compute, I/O and RAM and adds a per-call overhead (FlexGen fits nothing).
 """
 
 from __future__ import annotations
@@ -292,8 +292,9 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
             staging[ram] += 2 * (s + n) * g * z.kv_token
         staging[ram] += hw.base_mem
         memory[phase] = {
-            "device": Lin.of(staging["device"], wg=nl * stored["device"], cg=cache_home, hg=act[phase]),
-            "host": Lin.of(staging["host"], wc=nl * stored["host"], cc=cache_home, hc=act[phase]),
+            "device": Lin.of(staging["device"], wg=nl * stored["device"], cg=cache_home, hg=act[phase])
+            * (cal.memory if not acc else 1.0),
+            "host": Lin.of(staging["host"], wc=nl * stored["host"], cc=cache_home, hc=act[phase]) * cal.memory,
             "disk": Lin.of(0.0, wd=nl * stored["disk"], cd=cache_home, hd=act[phase]),
         }
     return CostTerms(time, memory, nl, n, policy.overlap)

@@ -40,14 +40,16 @@ class Calibration:
     """Measured transfer time / modelled (queueing, page faults, thread hand-offs)."""
     call_overhead_s: float = 0.0
     """Seconds per (layer, micro-batch) forward call that no FLOP or byte explains (Python, dispatch)."""
+    memory: float = 1.0
+    """Measured peak RSS / modelled RAM (allocator slack, transient copies at load, thread pools)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise HardwareError(f"calibration.{f.name} must be a finite number >= 0, got {v!r}")
-        if self.compute == 0 or self.io == 0:
-            raise HardwareError("calibration factors compute and io must be > 0")
+        if self.compute == 0 or self.io == 0 or self.memory == 0:
+            raise HardwareError("calibration factors compute, io and memory must be > 0")
 
 
 @dataclass(frozen=True)

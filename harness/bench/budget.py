@@ -29,12 +29,14 @@ def plan_auto(path: Path, prompts: int, prompt_len: int, output_len: int, limit:
     return plan(path, prompt_len, output_len, prompts, Policy(device="cpu"), limits), hardware_for(limits=limits)
 
 
-def measure_ours(path: Path, policy, prompts: w1.Ids, n: int, offload: Path, label: str = "ours") -> tuple[Row, int]:
-    """(timings, peak RSS bytes) of one greedy generate of exactly `n` tokens under `policy`, after a
-    short untimed warm-up in the same process."""
+def measure_ours(path: Path, policy, prompts: w1.Ids, n: int, offload: Path, label: str = "ours",
+                 full_warm_up: bool = False) -> tuple[Row, int]:
+    """(timings, peak RSS bytes) of one greedy generate of exactly `n` tokens under `policy`, after an
+    untimed warm-up in the same process: one micro-batch, 2 tokens, or (`full_warm_up`, for runs so short
+    that first-use costs of kernel shapes would show) the very call that is then timed."""
     evict([path, offload])
     with Worker(label, preload=__name__) as worker:
-        return worker.call(_ours, path, policy, prompts, n, str(offload), label)
+        return worker.call(_ours, path, policy, prompts, n, str(offload), label, full_warm_up)
 
 
 def measure_hf(path: Path, batch: int, prompts: w1.Ids, n: int) -> tuple[Row, int]:
@@ -44,13 +46,17 @@ def measure_hf(path: Path, batch: int, prompts: w1.Ids, n: int) -> tuple[Row, in
         return worker.call(_hf, path, batch, prompts, n)
 
 
-def _ours(state: dict, path: Path, policy, prompts: w1.Ids, n: int, offload: str, label: str) -> tuple[Row, int]:
+def _ours(state: dict, path: Path, policy, prompts: w1.Ids, n: int, offload: str, label: str,
+          full_warm_up: bool) -> tuple[Row, int]:
     from runtime import Engine
     from runtime.device import _read_status
 
     engine = Engine(path, policy, offload_dir=offload)
     try:
-        engine.generate(prompts[:policy.gpu_batch_size], 2, stop_at_eos=False)  # warm-up: threads, first buffers
+        if full_warm_up:
+            engine.generate(prompts, n, stop_at_eos=False)
+        else:  # threads, first buffers
+            engine.generate(prompts[:policy.gpu_batch_size], 2, stop_at_eos=False)
         load_peak = _read_status("VmHWM") or 0  # generate resets the peak: keep the load's
         evict([path, Path(offload)])
         row, _, peaks = w1.ours_generate(engine, prompts, n, 0)

@@ -104,3 +104,20 @@ def test_profile_writes_a_spec_and_fit_calibrates_it(tmp_path, monkeypatch, caps
     assert hw.matmul_rate("float32", 2048) > hw.matmul_rate("float32", 1) > 0
     calibrated = fit(hw, model="opt-tiny", log=lambda s: None)
     assert calibrated.calibration.compute > 0 and calibrated.calibration.call_overhead_s >= 0
+
+
+def test_planned_weight_fractions_snap_to_whole_tensors(tiny_opt):
+    from harness.auto_policy import as_placed, model_spec
+    from runtime import Engine
+    from runtime.cost_model import Workload, predict
+    from runtime.policy import Placement, Policy
+    from runtime.policy_search import Plan
+
+    path, _ = tiny_opt("pre")
+    hw, spec, work = cpu_hardware(), model_spec(path), Workload(8, 4, 2)
+    lp = Policy(device="cpu", weights=Placement(0.97, 0.0))
+    placed = as_placed(Plan(lp, predict(hw, spec, work, lp), "none", 1, {}), path, hw, spec, work)
+    assert placed.policy.weights.device <= 0.97
+    tiers = Engine(path, placed.policy).weights.bytes_by_tier()
+    assert tiers["device"] <= 0.97 * sum(tiers.values())  # at 0.97 itself the runtime would keep more
+    assert Engine(path, lp).weights.bytes_by_tier()["device"] > 0.97 * sum(tiers.values())
