@@ -1,10 +1,11 @@
 """Runs under a RAM budget for the whole process (W1c, W4): each engine in a fresh worker process.
 
-A fresh process per run makes its peak RSS (VmHWM: interpreter, torch, model load and the call) its
-own, which is what a budget for "the whole process" bounds. The model's and offload folder's pages are
-evicted before every run, so a policy that reads weights from disk is timed reading the disk. Ours runs
-`Engine.generate` on the whole prompt list (the engine cuts it into blocks); HF runs `generate` on
-consecutive chunks of `batch` prompts, timed by wall clock as a whole.
+A fresh process per run makes its peak RSS (VmHWM: interpreter, torch, model and the call) its own,
+which is what a budget for "the whole process" bounds. Ours counts its load too; HF's count starts after
+`from_pretrained`, whose transient fp16 + fp32 copies of the checkpoint an fp32 checkpoint would avoid.
+The model's and offload folder's pages are evicted before every run, so a policy that reads weights from
+disk is timed reading the disk. Ours runs `Engine.generate` on the whole prompt list (the engine cuts it
+into blocks); HF runs `generate` on consecutive chunks of `batch` prompts, timed by wall clock as a whole.
 """
 
 from __future__ import annotations
@@ -70,11 +71,14 @@ def _hf(state: dict, path: Path, batch: int, prompts: w1.Ids, n: int) -> tuple[R
 
     import torch
 
-    from runtime.device import _read_status
+    from runtime.device import PeakMemory, _read_status
 
     model = w1.load_hf(path)
     chunks = [torch.tensor(prompts[i:i + batch]) for i in range(0, len(prompts), batch)]
     w1.hf_generate(model, chunks[0][:1], 2)  # warm-up
+    # The peak starts after loading: from_pretrained holds the fp16 checkpoint and its fp32 copy at once
+    # (7.7 GiB for opt-1.3b), which an fp32 checkpoint would avoid; the budget is HF's to meet in generate.
+    PeakMemory(torch.device("cpu")).reset()
     t0 = time.perf_counter()
     tokens = sum(w1.hf_generate(model, ids, n)[:, ids.shape[1]:].numel() for ids in chunks)
     wall = time.perf_counter() - t0
