@@ -8,7 +8,8 @@ uncalibrated, gives the compute seconds C, the number of (layer, micro-batch) ca
 D; then
 - compute and call overhead: non-negative least squares of measured ~ a * C + o * K over the phases of
   the runs that read nothing from disk;
-- io: the median of measured / D over the disk runs' phases where D exceeds a * C + o * K (I/O-bound);
+- io factor b and overlap v: over the disk runs' phases, the grid point with the least squared log error
+  of measured ~ max(c, b * D) + (1 - v) * min(c, b * D), c = a * C + o * K (v = 1: I/O fully hidden);
 - memory: the median of peak RSS / modelled RAM over the runs (at least 1).
 Each run is a fresh worker process (harness/bench/budget.py: its peak RSS is its own, load included),
 timed after an untimed warm-up, with the model's pages evicted first.
@@ -66,10 +67,27 @@ def fit(hw, model: str = "opt-125m", log=print):
                 f"(uncalibrated model: {pred.prefill_s:.3f} s, {pred.decode_s:.3f} s)")
     (a, o), _ = nnls(np.array([[c, k] for c, k, _, _ in compute_rows]), np.array([m for *_, m in compute_rows]))
     a = a if a > 0 else 1.0
-    bound = [m / d for c, k, d, m in io_rows if d > a * c + o * k]
-    b = statistics.median(bound) if bound else 1.0
+    b, v = _fit_io(a, o, io_rows)
     memory = max(1.0, statistics.median(ram))
-    calibration = Calibration(compute=float(a), io=float(b), call_overhead_s=float(o), memory=memory)
-    log(f"  calibration: compute x{a:.2f}, io x{b:.2f}, {o * 1e6:.0f} us per layer call, RAM x{memory:.2f}"
-        + ("" if bound else " (no run was I/O-bound: io left at 1)"))
+    calibration = Calibration(compute=float(a), io=b, call_overhead_s=float(o), memory=memory, overlap=v)
+    log(f"  calibration: compute x{a:.2f}, io x{b:.2f}, {o * 1e6:.0f} us per layer call, RAM x{memory:.2f}, "
+        f"overlap {v:.1f}")
     return replace(hw, calibration=calibration)
+
+
+def _fit_io(a: float, o: float, rows: list) -> tuple[float, float]:
+    """(io factor, overlap) minimizing the squared log error over the disk runs' phases (grid search: two
+    parameters, a handful of points)."""
+    import numpy as np
+
+    if not rows:
+        return 1.0, 1.0
+    best = (np.inf, 1.0, 1.0)
+    for b in np.geomspace(0.25, 8.0, 61):
+        for v in np.linspace(0.0, 1.0, 11):
+            err = 0.0
+            for c, k, d, m in rows:
+                comp, io = a * c + o * k, b * d
+                err += np.log((max(comp, io) + (1 - v) * min(comp, io)) / m) ** 2
+            best = min(best, (err, float(b), float(v)))
+    return best[1], best[2]

@@ -7,11 +7,13 @@ terms to an LP: one model, no second copy of the formulas.
 
 Per decoder layer, for one block of B = gpu_batch_size x num_gpu_batches sequences (FlexGen eq. 1-2):
     T = l * (T_prefill + (n - 1) * T_decode),  T_phase = max(compute, h2d, d2h, disk_read, disk_write)
-with `overlap` (FlexGen overlaps all five); without it the terms add up. Compute counts the linear layers'
-FLOPs at the measured rate for that many rows (m = micro-batch x tokens), attention FLOPs (causal pairs
-only) at the device's or the CPU's attention rate, dequantization and dtype conversion; I/O terms count the
-bytes of weights, cache and activations crossing each link (A.3 lists the same terms). Memory per tier is
-the home of each kind of data plus the working buffers of one micro-batch.
+with `overlap` (FlexGen overlaps all five); without it the terms add up, and a fitted `overlap` factor
+in between says how much really hides (on a 2-core CPU the disk reader threads share the cores).
+Compute counts the linear layers' FLOPs at the measured rate for that many rows (m = micro-batch x
+tokens), attention FLOPs (causal pairs only) at the device's or the CPU's attention rate, dequantization
+and dtype conversion; I/O terms count the bytes of weights, cache and activations crossing each link
+(A.3 lists the same terms). Memory per tier is the home of each kind of data plus the working buffers
+of one micro-batch.
 
 Where this departs from FlexGen's `cost_model.py`, and why:
 - Embedding and head weights and the head's FLOPs are spread over the l decoder layers (FlexGen leaves
@@ -66,7 +68,7 @@ class Lin:
 
     def __call__(self, x: dict[str, float]) -> float:
         """The value at fractions `x`; a coefficient of inf (a link of zero bandwidth) costs nothing at 0."""
-        return self.const + sum(c * x[v] for c, v in zip(self.coef, VARS) if x[v] > 0)
+        return self.const + sum(c * x[v] for c, v in zip(self.coef, VARS) if x[v] > 1e-12)
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,13 @@ class CostTerms:
     """phase -> tier -> peak bytes."""
     layers: int
     gen_len: int
-    overlap: bool
+    overlap: float
+    """Share of the non-largest terms hidden under the largest: 0 without overlap (they add up)."""
+
+    def phase_seconds(self, values) -> float:
+        """max + (1 - overlap) * (the rest): FlexGen's max at overlap 1, the serial sum at 0."""
+        values = list(values)
+        return max(values) + (1 - self.overlap) * (sum(values) - max(values))
 
 
 @dataclass(frozen=True)
@@ -297,14 +305,13 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
             "host": Lin.of(staging["host"], wc=nl * stored["host"], cc=cache_home, hc=act[phase]) * cal.memory,
             "disk": Lin.of(0.0, wd=nl * stored["disk"], cd=cache_home, hd=act[phase]),
         }
-    return CostTerms(time, memory, nl, n, policy.overlap)
+    return CostTerms(time, memory, nl, n, cal.overlap if policy.overlap else 0.0)
 
 
 def block_seconds(t: CostTerms, x: dict[str, float]) -> tuple[float, float, dict[str, dict[str, float]]]:
     """(prefill seconds, decode seconds) of one block at fractions `x`, and every term's per-layer value."""
     values = {p: {name: lin(x) for name, lin in t.time[p].items()} for p in PHASES}
-    combine = max if t.overlap else sum
-    per_layer = {p: combine(values[p].values()) for p in PHASES}
+    per_layer = {p: t.phase_seconds(values[p].values()) for p in PHASES}
     return t.layers * per_layer["prefill"], t.layers * (t.gen_len - 1) * per_layer["decode"], values
 
 

@@ -42,6 +42,9 @@ class Calibration:
     """Seconds per (layer, micro-batch) forward call that no FLOP or byte explains (Python, dispatch)."""
     memory: float = 1.0
     """Measured peak RSS / modelled RAM (allocator slack, transient copies at load, thread pools)."""
+    overlap: float = 1.0
+    """How much of the other terms hides under the largest when I/O overlaps compute: 1 is FlexGen's max,
+    0 a serial sum (a 2-core CPU host: reader threads and compute share the cores)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -50,6 +53,8 @@ class Calibration:
                 raise HardwareError(f"calibration.{f.name} must be a finite number >= 0, got {v!r}")
         if self.compute == 0 or self.io == 0 or self.memory == 0:
             raise HardwareError("calibration factors compute, io and memory must be > 0")
+        if self.overlap > 1:
+            raise HardwareError(f"calibration.overlap must be in [0, 1], got {self.overlap}")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 For each (gpu_batch_size, num_gpu_batches), compression choice and weight format, the cost model's terms
 (`runtime.cost_model.terms`, linear in the nine placement fractions) become a cvxpy LP:
     minimize  l * (tau_prefill + (n - 1) * tau_decode)
-    s.t.      tau_phase >= every time term of the phase (overlap; without it: >= their sum)
+    with      tau_phase = ov * max(terms) + (1 - ov) * sum(terms)   (ov: calibrated overlap, 0 without)
+    s.t.      epigraph of the max: m_phase >= every time term of the phase
               peak memory of every tier in both phases <= that tier's capacity
               each kind's fractions sum to 1, all >= 0; a fraction that would use a link of zero
               bandwidth is 0
@@ -101,7 +102,7 @@ def search(hw: HardwareSpec, model: ModelSpec, work: Workload, base: Policy | No
         for fmt in formats:
             for g in sizes:
                 for nb in counts:
-                    if nb > 1 and g * nb > limit:  # a batch size the user fixed runs as one micro-batch
+                    if nb > 1 and g * nb > limit:  # a block beyond the sequences only pads (nb = 1 is kept)
                         break
                     shape = replace(base, gpu_batch_size=g, num_gpu_batches=nb, compress_weight=qw,
                                     compress_cache=qc, weight_format=fmt)
@@ -142,24 +143,22 @@ class _LP:
     """The placement LP with its coefficients as cvxpy Parameters, built once per number of time terms."""
 
     def __init__(self) -> None:
-        self._problems: dict[tuple[int, bool], tuple] = {}
+        self._problems: dict[int, tuple] = {}
 
-    def _build(self, k: int, overlap: bool):
+    def _build(self, k: int):
         import cvxpy as cp
 
         nv = len(VARS)
         x = cp.Variable(nv, nonneg=True)
-        tau = cp.Variable(2)
+        peak = cp.Variable(2)  # the largest term of each phase
         P = {name: cp.Parameter(shape, name=name) for name, shape in (
-            ("A", (2 * k, nv)), ("a", 2 * k), ("M", (6, nv)), ("m", 6), ("zero", nv), ("steps", 2),
-            ("tie", nv))}
+            ("A", (2 * k, nv)), ("a", 2 * k), ("M", (6, nv)), ("m", 6), ("zero", nv), ("hide", 2), ("lin", nv))}
         cons = [x[0:3].sum() == 1, x[3:6].sum() == 1, x[6:9].sum() == 1, cp.multiply(P["zero"], x) == 0,
                 P["M"] @ x <= P["m"]]
         rows = P["A"] @ x + P["a"]
-        for i in range(2):
-            phase = rows[i * k:(i + 1) * k]
-            cons.append(tau[i] >= phase if overlap else tau[i] >= cp.sum(phase))
-        prob = cp.Problem(cp.Minimize(P["steps"] @ tau + P["tie"] @ x), cons)
+        cons += [peak[i] >= rows[i * k:(i + 1) * k] for i in range(2)]
+        # steps * (ov * max + (1 - ov) * sum): the max through `peak`, the sum folded into `lin` (DPP)
+        prob = cp.Problem(cp.Minimize(P["hide"] @ peak + P["lin"] @ x), cons)
         return prob, x, P
 
     def solve(self, t: CostTerms, hw: HardwareSpec) -> dict[str, float] | None:
@@ -168,10 +167,9 @@ class _LP:
         import numpy as np
 
         names = list(t.time["prefill"])
-        key = (len(names), t.overlap)
-        if key not in self._problems:
-            self._problems[key] = self._build(*key)
-        prob, x, P = self._problems[key]
+        if len(names) not in self._problems:
+            self._problems[len(names)] = self._build(len(names))
+        prob, x, P = self._problems[len(names)]
         lins = [t.time[p][n] for p in PHASES for n in names]
         zero = [0.0] * len(VARS)
         A = []
@@ -189,12 +187,13 @@ class _LP:
         P["M"].value = np.array([lin.coef for lin in mem]) / _GiB
         P["m"].value = np.array([(caps[tier] - lin.const) / _GiB for lin, tier in zip(mem, TIERS * 2)])
         P["zero"].value = np.array(zero)
-        P["steps"].value = np.array([t.layers, t.layers * (t.gen_len - 1)], dtype=float)
+        steps = np.array([t.layers, t.layers * (t.gen_len - 1)], dtype=float)
+        P["hide"].value = steps * t.overlap
+        sums = np.array(A).reshape(2, len(names), -1).sum(1)  # (phase, var): each phase's terms added up
         # Ties (I/O hidden under compute leaves many optima) go to the device, then the host: a placement
         # the runtime runs with fewer transfers. One millionth of the time: never outweighs a real cost.
-        scale = 1e-6 * max(1e-9, float(P["steps"].value @ [sum(P["a"].value[:len(names)]),
-                                                            sum(P["a"].value[len(names):])]))
-        P["tie"].value = scale * np.array([0.0, 1.0, 2.0] * 3)
+        scale = 1e-6 * max(1e-9, float(steps @ np.array(P["a"].value).reshape(2, -1).sum(1)))
+        P["lin"].value = (steps * (1 - t.overlap)) @ sums + scale * np.array([0.0, 1.0, 2.0] * 3)
         try:
             prob.solve(solver=cp.CLARABEL)
         except cp.error.SolverError:
@@ -206,11 +205,14 @@ class _LP:
 
 def _rounded(x: dict[str, float], snap) -> dict[str, float]:
     """Fractions snapped to multiples of `_ROUND` by `snap` (round or floor), each kind summing to 1 with
-    disk taking the remainder: nearest keeps a 0 or 1 exact, floor never adds bytes to a full memory tier."""
+    disk taking the remainder: nearest keeps a 0 or 1 exact, floor never adds bytes to a full memory tier.
+    Nothing the LP kept off disk goes there (a disk without bandwidth must stay empty)."""
     out = {}
     for kind in "wch":
         g = min(1.0, max(0.0, snap(x[kind + "g"] / _ROUND + 1e-6) * _ROUND))
         c = min(1.0 - g, max(0.0, snap(x[kind + "c"] / _ROUND + 1e-6) * _ROUND))
+        if x[kind + "d"] < _ROUND / 2:
+            g, c = (g, 1.0 - g) if x[kind + "c"] > 0 else (1.0, 0.0)
         out.update({kind + "g": g, kind + "c": c, kind + "d": max(0.0, 1.0 - g - c)})
     return out
 
