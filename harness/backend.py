@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness import auto_policy
 from harness.token_text import Rendered, TokenTexts, cut_at_stops, truncate
 from runtime.results import CallStats
 
@@ -78,7 +79,7 @@ class RuntimeBackend:
         from runtime.engine import Engine
 
         self.model_dir = Path(model_dir).expanduser().resolve()
-        self.policy = policy_from(policy)
+        self.policy = policy_from(policy, self.model_dir)
         self.engine = Engine(self.model_dir, self.policy, offload_dir=offload_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.texts = TokenTexts(self.tokenizer)
@@ -277,13 +278,21 @@ def _default_prefix(tokenizer) -> list[int]:
     return list(full[:head]) if head > 0 and list(full[head:]) == list(plain) else []
 
 
-def policy_from(value):
-    """A runtime `Policy` from a Policy, a dict, a JSON string, a path to a JSON file, or None (defaults)."""
+def policy_from(value, model_dir: str | os.PathLike | None = None):
+    """A runtime `Policy` from a Policy, a dict, a JSON string, a path to a JSON file, `auto` (planned by the
+    cost model for `model_dir`, see `auto_policy.plan_for_helm`), or None: `$FLEXHELM_DEFAULT_POLICY`, by
+    default `auto`."""
     from runtime.errors import PolicyError
     from runtime.policy import Policy
 
-    if value is None or isinstance(value, Policy):
-        return value or Policy()
+    if isinstance(value, Policy):
+        return value
+    if value is None:
+        value = auto_policy.default_policy_text()
+    if value == auto_policy.AUTO:
+        if model_dir is None:
+            raise PolicyError("the auto policy is planned for a model: pass its folder")
+        return auto_policy.plan_for_helm(model_dir)
     if isinstance(value, (str, os.PathLike)):
         text = str(value)
         path = Path(text).expanduser()
@@ -305,7 +314,7 @@ _BACKENDS_LOCK = threading.Lock()
 def get_backend(model_dir: str | os.PathLike, policy=None,
                 offload_dir: str | os.PathLike | None = None) -> RuntimeBackend:
     """The process's backend for this model folder and policy, loaded on first use."""
-    resolved = policy_from(policy)
+    resolved = policy_from(policy, model_dir)
     key = (str(Path(model_dir).expanduser().resolve()), json.dumps(resolved.to_json(), sort_keys=True),
            str(offload_dir) if offload_dir else None)
     with _BACKENDS_LOCK:  # HELM's threads may ask at once; load the model once

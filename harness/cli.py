@@ -8,17 +8,23 @@ import os
 import sys
 from pathlib import Path
 
+from harness import auto_policy, plan_cli
+
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def _policy(args: argparse.Namespace):
-    """The Policy from --policy (file or inline JSON), then --percent and the single flags on top."""
+def _policy(args: argparse.Namespace, prompt_lens: list[int] | None = None):
+    """The Policy from --policy (file or inline JSON, or `auto`: planned), then --percent and the single flags
+    on top. Without --policy and --percent: `$FLEXHELM_DEFAULT_POLICY`, by default `auto`."""
     from runtime.errors import PolicyError
     from runtime.policy import Placement, Policy
 
     fields: dict = {}
-    if args.policy:
-        text = Path(args.policy).read_text() if Path(args.policy).is_file() else args.policy
+    given = args.policy if args.policy is not None or args.percent else auto_policy.default_policy_text()
+    if given == auto_policy.AUTO:
+        return _auto_policy(args, prompt_lens or [1])
+    if given:
+        text = Path(given).read_text() if Path(given).is_file() else given
         try:
             fields = json.loads(text)
         except json.JSONDecodeError as e:
@@ -41,9 +47,30 @@ def _policy(args: argparse.Namespace):
     return Policy.from_json(fields)
 
 
+def _auto_policy(args: argparse.Namespace, prompt_lens: list[int]):
+    """The planned policy for these prompts; the single flags fix what they name, the rest is searched."""
+    from runtime.policy import Policy, QuantConfig
+
+    quant = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size)) if v is not None}
+    q = QuantConfig(**quant)
+    base = Policy(**{name: getattr(args, flag) for flag, name in (
+        ("device", "device"), ("overlap", "overlap"), ("cpu_attention", "cpu_attention"))
+        if getattr(args, flag) is not None})
+    compress = [(q if args.compress_weight else None, q if args.compress_cache else None)]
+    plan = auto_policy.plan(args.model, max(prompt_lens), args.max_new_tokens, len(prompt_lens), base,
+                            plan_cli.limits(args), args.hardware, compress,
+                            [args.batch_size] if args.batch_size else None,
+                            [args.num_batches] if args.num_batches else None, args.offload_dir)
+    p = plan.prediction
+    print(f"auto policy: {plan.policy.gpu_batch_size} x {plan.policy.num_gpu_batches}, weights "
+          f"on disk {plan.policy.weights.disk:.0%}, cache on disk {plan.policy.cache.disk:.0%}; predicted "
+          f"{p.throughput:.3g} tok/s, bottleneck {p.bottleneck}", file=sys.stderr)
+    return plan.policy
+
+
 def _explain_tiers(args: argparse.Namespace, policy, engine) -> None:
     """On a host without an accelerator the device tier is host RAM: say so rather than merge silently."""
-    explicit = args.policy or args.percent
+    explicit = (args.policy and args.policy != auto_policy.AUTO) or args.percent
     if explicit and engine.device.type == "cpu" and any(
             p.device > 0 for p in (policy.weights, policy.cache, policy.activations)):
         print("note: no CUDA device: compute runs on the CPU, and device fractions count as host RAM",
@@ -65,15 +92,16 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from runtime.checkpoint import load_tokenizer
+    from runtime.checkpoint import load_tokenizer, read_config
     from runtime.engine import Engine
 
     prompts = _read_prompts(args)
-    policy = _policy(args)
-    engine = Engine(args.model, policy, progress=sys.stderr.isatty(), offload_dir=args.offload_dir)
-    _explain_tiers(args, policy, engine)
+    read_config(Path(args.model).expanduser())  # a missing folder is named before its tokenizer is looked for
     tokenizer = load_tokenizer(args.model)
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    policy = _policy(args, [len(ids) for ids in prompt_ids])
+    engine = Engine(args.model, policy, progress=sys.stderr.isatty(), offload_dir=args.offload_dir)
+    _explain_tiers(args, policy, engine)
     stops = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in args.stop]
     result = engine.generate(prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, stop_token_sequences=stops, seed=args.seed)
@@ -92,10 +120,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if len(texts) > 1:
             print(f"--- prompt {i}: {prompts[i]}")
         print(prompts[i] + text if len(texts) == 1 else text)
+    _check_limits(args, stats)
     gib = {k: f"{v / 2**30:.2f}" for k, v in stats.peak_memory.items()}
     print(f"[{stats.generated_tokens} tokens, prefill {stats.prefill_s:.2f} s, decode {stats.decode_s:.2f} s, "
           f"{stats.throughput:.1f} tok/s, device {engine.device}, peak GiB {gib}]", file=sys.stderr)
     return 0
+
+
+def _check_limits(args: argparse.Namespace, stats) -> None:
+    """Say so when the run's peak memory went over a limit the user gave (the plan aims below it)."""
+    limits = plan_cli.limits(args)
+    peaks = stats.peak_memory
+    for tier, limit, peak in (("RAM", limits.ram, peaks.get("host")), ("disk", limits.disk, peaks.get("disk"))):
+        if limit is not None and peak is not None and peak > limit:
+            print(f"warning: peak {tier} {peak / 2**30:.2f} GiB went over the {limit / 2**30:.2f} GiB limit "
+                  "(the cost model underestimated this run's memory)", file=sys.stderr)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -118,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="sequences per micro-batch (Policy.gpu_batch_size)")
     g.add_argument("--num-batches", type=int, help="micro-batches per block (Policy.num_gpu_batches)")
     g.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    g.add_argument("--policy", help="policy JSON file or inline JSON object (fields of runtime.Policy)")
+    g.add_argument("--policy", help="policy JSON file or inline JSON object (fields of runtime.Policy), or `auto` "
+                                    "(the default: planned by the cost model for these prompts and limits)")
     g.add_argument("--percent", nargs=6, type=float, metavar=("WG", "WC", "CG", "CC", "HG", "HC"),
                    help="FlexGen's placement shorthand: percent of weights, KV cache and activations on the "
                         "device (G) and in host RAM (C); the rest goes to disk")
@@ -137,13 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", default=[], help="stop sequence (text); repeatable")
     g.add_argument("--json", action="store_true", help="print one JSON object with ids, logprobs and timings")
+    plan_cli.add_planning_args(g)
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("bench", help="run a benchmark workload (W1a, W1b, W2, W3) against its baseline")
+    b = sub.add_parser("bench", help="run a benchmark workload (W1a, W1b, W1c, W2, W3, W4) against its baseline")
     b.add_argument("name")
     b.add_argument("--out", default="results/bench", help="folder for the CSV and PNG")
     b.add_argument("--quick", action="store_true", help="tiny model, for a smoke test")
     b.set_defaults(func=cmd_bench)
+    plan_cli.add_parsers(sub)
     return parser
 
 

@@ -7,7 +7,8 @@ contract is that importing the module registers things, so the last line calls `
 Models registered:
 - `flexhelm/opt-ref`, the shipped reference model, when `<repo>/models/flexhelm-opt-ref` exists;
 - every `name=/path/to/folder` of `FLEXHELM_MODELS="name=/path,name2=/path2"`, as `flexhelm/<name>`.
-Optional: `FLEXHELM_POLICY` (a runtime Policy as JSON, or a JSON file), `FLEXHELM_OFFLOAD_DIR`,
+Optional: `FLEXHELM_POLICY` (a runtime Policy as JSON, a JSON file, or `auto`: planned by the cost model when
+the model loads; unset: `$FLEXHELM_DEFAULT_POLICY`, by default `auto`), `FLEXHELM_OFFLOAD_DIR`,
 `FLEXHELM_MAX_BATCH` (largest batch handed to the engine, default 256).
 
 Example: `FLEXHELM_MODELS=opt-1.3b=~/models/opt-1.3b helm-run --plugins harness.helm_plugin \\
@@ -112,7 +113,9 @@ def register_model(name: str, folder: str | os.PathLike, policy: str | None = No
     folder = Path(folder).expanduser().resolve()
     model = f"{ORGANIZATION}/{name}"
     args: dict = {"model_dir": str(folder)}
-    if policy:
+    if policy == "auto":  # planned when the backend loads (it needs the hardware profile)
+        args["policy"] = policy
+    elif policy:
         args["policy"] = json.dumps(policy_from(policy).to_json(), sort_keys=True)  # validated now, not mid-run
     if offload_dir:
         args["offload_dir"] = str(offload_dir)

@@ -230,3 +230,44 @@ def _check_shapes(ckpt: Checkpoint, spec: WeightSpec) -> None:
         raise CheckpointError(f"tensor {'+'.join(spec.sources)!r} in {ckpt.path} has shape "
                               f"{' + '.join(str(tuple(s)) for s in shapes)}, config.json implies {spec.shape}: "
                               "the weights and config.json do not belong together")
+
+
+def weight_middles(path, compress_weight=None) -> list[tuple[float, int]]:
+    """(middle of the tensor's bytes as a fraction of its layer's, stored bytes) of every weight of the
+    checkpoint at `path`, as `WeightStore` places them (a tied weight once, with its first layer)."""
+    from runtime.families import get_family
+
+    codec = WeightCodec(compress_weight, torch.device("cpu")) if compress_weight else None
+    ckpt = Checkpoint(path)
+    seen, middles = set(), []
+    for layer in get_family(ckpt.spec.family).build_layers(ckpt.spec):
+        specs = [s for s in layer.weight_specs() if s.sources not in seen]
+        seen.update(s.sources for s in specs)
+        sizes = [packed_size(s, codec) or torch.Size(s.shape).numel() * ckpt.dtype_of(s.sources[0]).itemsize
+                 for s in specs]
+        done = 0
+        for size in sizes:
+            middles.append(((done + size / 2) / max(1, sum(sizes)), size))
+            done += size
+    ckpt.close()
+    return middles
+
+
+def fit_fraction(path, budget: int | None = None, compress_weight=None, fraction: float | None = None) -> float:
+    """The largest weights fraction whose resident bytes stay within `budget` (or within `fraction` of all
+    weight bytes).
+
+    A tensor stays in memory when the middle of its bytes lies below the fraction of its layer's bytes
+    (`assign_tiers`), so the resident bytes are a step function of the fraction: budget / total can
+    overshoot by a whole tensor per layer.
+    """
+    middles = weight_middles(path, compress_weight)
+    total = sum(size for _, size in middles)
+    if budget is None:
+        budget = fraction * total
+    fraction, resident = budget / total, 0
+    for middle, size in sorted(middles):
+        if middle >= fraction or resident + size > budget:
+            return min(fraction, middle)  # every tensor whose middle lies below this one stays in memory
+        resident += size
+    return fraction

@@ -8,6 +8,9 @@ import pytest
 
 for _k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_k, "1")
+# Without --policy the CLI and the harness plan an `auto` policy from a hardware profile; tests that are not
+# about planning keep the fixed default Policy (planning tests pass `auto` and a hardware spec explicitly).
+os.environ.setdefault("FLEXHELM_DEFAULT_POLICY", "{}")
 
 from tests import tiny_models  # noqa: E402
 

@@ -7,8 +7,6 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from harness.bench import w1, w2_engines
 from harness.bench.measure import Row
 from harness.bench.pagecache import MemoryCgroup, cached_bytes, evict, read_bytes
@@ -39,39 +37,6 @@ class OffloadRow(Row):
     """Ours: seconds blocked on disk reads of weights."""
     fetch_s: float | None = None
     """Ours: seconds in `WeightStore.fetch` (the reads it waits for plus conversion to fp32)."""
-
-
-def fit_fraction(path: Path, budget: int, compress_weight=None) -> float:
-    """The largest weights fraction whose RAM-resident bytes stay within `budget`.
-
-    The runtime puts a tensor in RAM when the middle of its bytes lies below the fraction of its layer's
-    bytes (`runtime.weights.assign_tiers`; a tied weight is placed once, with its first layer), so the
-    resident bytes are a step function of the fraction.
-    """
-    from runtime.checkpoint import Checkpoint
-    from runtime.compressed import WeightCodec
-    from runtime.families import get_family
-    from runtime.weights import packed_size
-
-    codec = WeightCodec(compress_weight, torch.device("cpu")) if compress_weight else None
-    ckpt = Checkpoint(path)
-    seen, middles = set(), []  # (middle of the tensor's bytes as a fraction of its layer's, bytes)
-    for layer in get_family(ckpt.spec.family).build_layers(ckpt.spec):
-        specs = [s for s in layer.weight_specs() if s.sources not in seen]
-        seen.update(s.sources for s in specs)
-        sizes = [packed_size(s, codec) or torch.Size(s.shape).numel() * ckpt.dtype_of(s.sources[0]).itemsize
-                 for s in specs]
-        done = 0
-        for size in sizes:
-            middles.append(((done + size / 2) / max(1, sum(sizes)), size))
-            done += size
-    ckpt.close()
-    fraction, resident = budget / sum(size for _, size in middles), 0
-    for middle, size in sorted(middles):
-        if middle >= fraction or resident + size > budget:
-            return min(fraction, middle)  # every tensor whose middle lies below this one stays in RAM
-        resident += size
-    return fraction
 
 
 def sweep_policies(w: Workload, fraction: float, **fields):

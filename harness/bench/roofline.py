@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.bench.models import Arch
+from runtime.profiler import best_time
 
 _FP32 = 4  # bytes
 
@@ -124,14 +124,14 @@ def gemm_flops_per_s(m: int, k: int, n: int, reps: int) -> float:
     """fp32 `F.linear` FLOP/s of (m, k) @ (k, n), best of `reps` after a warm-up (best = least disturbed)."""
     x, w = torch.randn(m, k), torch.randn(n, k)
     with torch.inference_mode():
-        return 2 * m * k * n / _best_time(lambda: F.linear(x, w), reps)
+        return 2 * m * k * n / best_time(lambda: F.linear(x, w), reps)
 
 
 def ram_bandwidth(nbytes: int, reps: int) -> float:
     """Bytes/s of a streaming read: summing an fp32 tensor too large for the caches."""
     t = torch.ones(nbytes // _FP32)  # ones, not empty: every page touched before timing
     with torch.inference_mode():
-        return t.nbytes / _best_time(t.sum, reps)
+        return t.nbytes / best_time(t.sum, reps)
 
 
 def disk_bandwidth(path: Path, limit: int = 2**30, reps: int = 2, block: int = 16 * 2**20) -> float:
@@ -159,15 +159,4 @@ def disk_bandwidth(path: Path, limit: int = 2**30, reps: int = 2, block: int = 1
         finally:
             os.close(fd)
 
-    return size / _best_time(read, reps, warm_up=False)
-
-
-def _best_time(fn, reps: int, warm_up: bool = True) -> float:
-    if warm_up:
-        fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return size / best_time(read, reps, warm_up=False)

@@ -52,7 +52,6 @@ from harness.bench.offload_side import (
     OffloadRow,
     Side,
     breakdown,
-    fit_fraction,
     label,
     print_page_cache,
     print_sweep,
@@ -60,6 +59,7 @@ from harness.bench.offload_side import (
     sweep_policies,
 )
 from harness.bench.workloads import Workload
+from runtime.weights import fit_fraction
 
 _GiB = 2**30
 

@@ -25,7 +25,6 @@ from harness.bench.offload_side import (
     SWEEP_TOKENS,
     Side,
     breakdown,
-    fit_fraction,
     label,
     print_page_cache,
     print_sweep,
@@ -33,6 +32,7 @@ from harness.bench.offload_side import (
     sweep_policies,
 )
 from harness.bench.workloads import Workload
+from runtime.weights import fit_fraction
 
 _GiB = 2**30
 

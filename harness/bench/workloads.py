@@ -22,6 +22,8 @@ class Workload:
     """Size of the tensor summed to measure RAM bandwidth (large enough to defeat the caches)."""
     weight_ram_bytes: int | None = None
     """Most bytes of weights kept in RAM, the rest read from disk each step; None: all in RAM."""
+    ram_budget: int | None = None
+    """RAM the whole process may use (peak RSS), for workloads that plan within a budget (W1c, W4)."""
     module: str = "w1"
     """The `harness.bench` module whose `run(workload, out_dir)` runs it."""
     quick: bool = False
@@ -46,6 +48,12 @@ _ALL = (
              "of roofline", "opt-1.3b", 16, 32, 32, repeats=1, weight_ram_bytes=2**29, module="w2"),
     Workload("W3", "compression: W2's setup with 4-bit weights and KV cache (group 64) against fp16, both ours; "
              "4bit/fp16 throughput", "opt-1.3b", 16, 32, 32, repeats=1, weight_ram_bytes=2**29, module="w3"),
+    Workload("W1c", "value of the policy: opt-1.3b, 64 prompts, prompt 32, output 32, 6 GiB for the whole process; "
+             "auto policy / HF generate at its best batch within the budget", "opt-1.3b", 64, 32, 32, repeats=1,
+             ram_budget=6 * 2**30, module="w1c"),
+    Workload("W4", "policy search: W1c's and W2's setups, >= 20 hand-written policies measured plus auto; "
+             "auto/best and the cost model's median prediction error", "opt-1.3b", 64, 32, 32, repeats=1,
+             ram_budget=6 * 2**30, module="w4"),
     # Not a speed ratio: the accuracy cost of compression on the shipped reference model (batch 32).
     Workload("quality", "compression quality: WikiText-2 test perplexity and LAMBADA accuracy of the reference "
              "model, stored precision against 4-/3-bit weights and cache", "opt-ref", 32, 0, 0, module="quality"),

@@ -13,6 +13,8 @@ SUMMARY = {
     # accelerate is optional in quick mode: without it the baseline is skipped and the ratio is n/a
     "W2": r"W2 ours/accelerate=(\d+\.\d\d|n/a) roofline=\d+\.\d\d peak_rss_gb=\d+\.\d\d",
     "W3": r"W3 4bit/fp16=\d+\.\d\d",
+    "W1c": r"W1c ours/hf_best=(\d+\.\d\d|n/a)",
+    "W4": r"W4 auto/best=(\d+\.\d\d|n/a) median_abs_pred_err=\d+\.\d\d",
     "quality": r"quality w4\+c4: ppl [+-]\d+\.\d\d% lambada_acc [+-]\d+\.\d\d points",
 }
 
@@ -29,6 +31,6 @@ def test_quick_runs_and_prints_summary(name, tmp_path, monkeypatch, capsys):
 
 
 def test_unknown_workload_lists_known_names():
-    with pytest.raises(ValueError, match="W1a, W1b, W2, W3, quality"):
+    with pytest.raises(ValueError, match=", ".join(sorted(WORKLOADS))):
         run("W9")
-    assert set(WORKLOADS) == {"W1a", "W1b", "W2", "W3", "quality"}
+    assert set(WORKLOADS) == {"W1a", "W1b", "W1c", "W2", "W3", "W4", "quality"}

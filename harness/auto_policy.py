@@ -1,0 +1,187 @@
+"""The `auto` policy: a hardware profile, the user's memory limits and a workload in, a planned Policy out.
+
+Shared by `flexhelm generate`, `flexhelm plan` and the HELM backend. The hardware comes from, in order:
+an explicit spec (`--hardware FILE` or a shipped name such as `t4_flexgen`), `$FLEXHELM_HARDWARE`, this
+machine's cached profile, or a fresh profile (measured once, ~10-40 s, then cached under
+`$FLEXHELM_CACHE/hardware/`). What "no policy given" means is `$FLEXHELM_DEFAULT_POLICY` (default
+`auto`; the test suite sets `{}` so that tests not about planning keep the fixed default policy).
+Importing this module stays cheap: torch and cvxpy load when a plan is made.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+AUTO = "auto"
+COMPRESS_CHOICES = ("none", "weight", "cache", "both", "any")
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def default_policy_text() -> str:
+    return os.environ.get("FLEXHELM_DEFAULT_POLICY") or AUTO
+
+
+def parse_size(text: str) -> int:
+    """`6GiB`, `6G` (10^9), `512MiB`, `1.5TB`, `6e9` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        from runtime.errors import PolicyError
+
+        raise PolicyError(f"memory size {text!r} is not a size like 6GiB, 512MiB, 6G or 6e9")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Memory limits the user gave (bytes; None: the machine's)."""
+
+    device: int | None = None
+    host: int | None = None
+    disk: int | None = None
+
+    def apply(self, hw):
+        """`hw` with these limits. On a CPU-only host RAM is the device tier: --host-mem limits it too."""
+        if hw.accelerator:
+            return hw.with_memory(self.device, self.host, self.disk)
+        ram = [v for v in (self.device, self.host) if v is not None]
+        return hw.with_memory(min(ram) if ram else None, None, self.disk)
+
+    @property
+    def ram(self) -> int | None:
+        ram = [v for v in (self.device, self.host) if v is not None]
+        return min(ram) if ram else None
+
+
+def compressions(choice: str, bits: int | None = None, group_size: int | None = None) -> list:
+    """(weights, cache) QuantConfigs the search may use for `--compress CHOICE`."""
+    from runtime.policy import QuantConfig
+
+    q = QuantConfig(**{k: v for k, v in (("bits", bits), ("group_size", group_size)) if v is not None})
+    table = {"none": [(None, None)], "weight": [(q, None)], "cache": [(None, q)], "both": [(q, q)],
+             "any": [(None, None), (q, None), (None, q), (q, q)]}
+    return table[choice]
+
+
+def load_hardware(spec: str | None = None, offload_dir: str | None = None, log=None):
+    """The HardwareSpec to plan with (see the module docstring for the order)."""
+    from runtime.hardware import HardwareSpec, cached_path
+
+    spec = spec or os.environ.get("FLEXHELM_HARDWARE")
+    if spec:
+        return HardwareSpec.load(spec)
+    path = cached_path()
+    if path.is_file():
+        return HardwareSpec.load(path)
+    from runtime.profiler import profile
+
+    say = log or (lambda s: print(s, file=sys.stderr))
+    say(f"flexhelm: no hardware profile for this machine yet: measuring it once (cached as {path})")
+    hw = profile(offload_dir, log=say)
+    hw.save(path)
+    return hw
+
+
+def usable_now(hw):
+    """On this very machine, RAM that other processes hold is not ours to plan with: cap the RAM tier at
+    what is available now plus what this process holds (its own memory counts in the plan)."""
+    available = _meminfo("MemAvailable")
+    if available is None:
+        return hw
+    ram = available + (hw.base_mem or 0)
+    if hw.accelerator:
+        return hw.with_memory(host=min(hw.host_mem, ram))
+    return hw.with_memory(device=min(hw.device_mem, ram))
+
+
+def _meminfo(field: str) -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def model_spec(model_dir: str | os.PathLike):
+    """The ModelSpec from a checkpoint's config.json alone (no weights needed: plan for any size)."""
+    from runtime.checkpoint import read_config
+    from runtime.families import get_family
+
+    config = read_config(Path(model_dir).expanduser())
+    return get_family(config.get("model_type")).spec_from_config(config)
+
+
+def plan(model_dir, prompt_len: int, gen_len: int, num_seqs: int | None = None, base=None,
+         limits: Limits | None = None, hardware: str | None = None, compress: list | None = None,
+         batch_sizes: list[int] | None = None, num_batches: list[int] | None = None, offload_dir: str | None = None):
+    """A `runtime.policy_search.Plan` for generating on this checkpoint; memory limits are honoured."""
+    from runtime.cost_model import Workload
+    from runtime.errors import InputError
+    from runtime.policy_search import search
+
+    try:
+        work = Workload(prompt_len, gen_len, num_seqs)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    hw = hardware_for(hardware, limits, offload_dir)
+    spec = model_spec(model_dir)
+    return as_placed(search(hw, spec, work, base, batch_sizes, num_batches, compress), model_dir, hw, spec, work)
+
+
+def as_placed(found, model_dir, hw, spec, work):
+    """The plan with the weight fractions the runtime realises, predicted again. The runtime keeps whole
+    tensors in a tier (`runtime.weights.assign_tiers`), so an LP fraction such as 0.97 can keep every
+    tensor of a layer but its last small ones resident, beyond the planned bytes; snapping the fractions
+    down to what fits them (`fit_fraction`) keeps each memory tier within the plan. Needs the weights:
+    a plan from config.json alone keeps the LP's fractions."""
+    from dataclasses import replace
+
+    from runtime.cost_model import predict
+    from runtime.errors import CheckpointError
+    from runtime.policy import Placement
+    from runtime.weights import fit_fraction
+
+    w = found.policy.weights
+    if all(f in (0.0, 1.0) for f in (w.device, w.host, w.disk)):
+        return found
+    try:
+        device = fit_fraction(model_dir, compress_weight=found.policy.compress_weight, fraction=w.device)
+        memory = fit_fraction(model_dir, compress_weight=found.policy.compress_weight, fraction=w.device + w.host)
+    except CheckpointError:
+        return found
+    policy = replace(found.policy, weights=Placement(device, max(0.0, memory - device)))
+    return replace(found, policy=policy, prediction=predict(hw, spec, work, policy))
+
+
+def hardware_for(hardware: str | None = None, limits: Limits | None = None, offload_dir: str | None = None):
+    """The spec a plan uses: `load_hardware`, capped at the RAM available now when it is this machine's,
+    with the user's limits applied."""
+    hw = load_hardware(hardware, offload_dir)
+    if not (hardware or os.environ.get("FLEXHELM_HARDWARE")):
+        hw = usable_now(hw)
+    return (limits or Limits()).apply(hw)
+
+
+_HELM_PLANS: dict[str, object] = {}
+
+
+def plan_for_helm(model_dir) -> object:
+    """The auto policy of the HELM backend, planned once per model folder. HELM's requests are not known
+    up front, so it plans for the longest: prompts filling the context but `HELM_GEN_LEN` tokens, which
+    leaves room for the KV cache of any request the model accepts."""
+    key = str(Path(model_dir).expanduser().resolve())
+    if key not in _HELM_PLANS:
+        spec = model_spec(key)
+        gen = min(HELM_GEN_LEN, spec.max_positions // 2)
+        _HELM_PLANS[key] = plan(key, spec.max_positions - gen, gen).policy
+    return _HELM_PLANS[key]
+
+
+HELM_GEN_LEN = 64
+"""Tokens of output the HELM backend's plan provisions per sequence."""

@@ -1,0 +1,123 @@
+"""`flexhelm plan`, `flexhelm profile` and the `auto` policy of `flexhelm generate`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.auto_policy import parse_size
+from harness.cli import main
+from tests.runtime.cost_fixtures import GiB, cpu_hardware
+
+OPT_175B = {"model_type": "opt", "hidden_size": 12288, "num_hidden_layers": 96, "num_attention_heads": 96,
+            "ffn_dim": 49152, "vocab_size": 50272, "max_position_embeddings": 2048, "torch_dtype": "float16"}
+
+
+@pytest.fixture
+def opt175b(tmp_path):
+    """OPT-175B's config.json alone: planning reads no weights."""
+    folder = tmp_path / "opt-175b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(OPT_175B))
+    return folder
+
+
+@pytest.fixture
+def cpu_json(tmp_path):
+    return cpu_hardware(device_mem=8 * GiB).save(tmp_path / "cpu.json")
+
+
+def test_plan_opt175b_on_flexgens_t4(opt175b, capsys):
+    argv = ["plan", "--model", str(opt175b), "--prompt-len", "512", "--gen-len", "32", "--hardware", "t4_flexgen"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for what in ("policy:", "predicted throughput:", "memory per tier", "bottleneck:", "binding constraint:"):
+        assert what in out
+    assert main(argv + ["--compress", "both", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["policy"]["compress_weight"]["bits"] == 4 and plan["throughput_tok_s"] > 0
+    assert all(plan["memory_bytes"][t] <= plan["capacity_bytes"][t] for t in ("device", "host", "disk"))
+
+
+def test_plan_honours_memory_limits_and_explains_infeasible(opt175b, capsys):
+    base = ["plan", "--model", str(opt175b), "--prompt-len", "512", "--gen-len", "32", "--hardware", "t4_flexgen"]
+    assert main(base + ["--host-mem", "100GiB", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["memory_bytes"]["host"] <= 100 * GiB
+    assert main(base + ["--host-mem", "100GiB", "--disk-mem", "50GiB"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flexhelm: error: no policy fits") and "binding tier is" in err and "smallest" in err
+
+
+def test_generate_auto_keeps_a_small_model_in_memory(tiny_opt, cpu_json, capsys):
+    path, _ = tiny_opt("pre")
+    argv = ["generate", "--model", str(path), "--prompt", "the quick brown", "--max-new-tokens", "5", "--json"]
+    assert main(argv) == 0  # the test suite's default policy: the fixed one
+    ref = json.loads(capsys.readouterr().out)
+    assert main(argv + ["--policy", "auto", "--hardware", str(cpu_json), "--host-mem", "4GiB"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert "auto policy:" in captured.err
+    assert out["prompts"][0]["output_ids"] == ref["prompts"][0]["output_ids"]
+    assert out["policy"]["weights"] == out["policy"]["cache"] == {"device": 1.0, "host": 0.0}
+    assert out["weight_bytes_by_tier"]["disk"] == 0
+
+
+def test_generate_auto_keeps_fixed_flags(tiny_opt, cpu_json, capsys):
+    path, _ = tiny_opt("pre")
+    argv = ["generate", "--model", str(path), "--prompt", "the quick brown", "--max-new-tokens", "3", "--json",
+            "--policy", "auto", "--hardware", str(cpu_json), "--batch-size", "3", "--compress-weight"]
+    assert main(argv) == 0
+    policy = json.loads(capsys.readouterr().out)["policy"]
+    assert policy["gpu_batch_size"] == 3 and policy["compress_weight"]["bits"] == 4
+
+
+def test_sizes_parse_with_units():
+    assert parse_size("6GiB") == 6 * GiB and parse_size("6G") == 6 * 10**9 and parse_size("512MiB") == 2**29
+    assert parse_size("6e9") == 6 * 10**9
+    with pytest.raises(Exception, match="not a size"):
+        parse_size("six gigs")
+
+
+def test_harness_backend_plans_auto_for_the_model(tiny_opt, cpu_json, monkeypatch):
+    from harness import auto_policy
+    from harness.backend import policy_from
+
+    path, _ = tiny_opt("pre")
+    monkeypatch.setenv("FLEXHELM_HARDWARE", str(cpu_json))
+    monkeypatch.setattr(auto_policy, "_HELM_PLANS", {})
+    policy = policy_from("auto", path)
+    assert policy.weights.device == policy.cache.device == 1.0
+    monkeypatch.setenv("FLEXHELM_DEFAULT_POLICY", "auto")
+    assert policy_from(None, path) == policy
+
+
+def test_profile_writes_a_spec_and_fit_calibrates_it(tmp_path, monkeypatch, capsys):
+    from harness.calibrate import fit
+    from runtime.hardware import HardwareSpec
+
+    monkeypatch.setenv("FLEXHELM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "hw.json"
+    assert main(["profile", "--out", str(out), "--offload-dir", str(tmp_path / "scratch")]) == 0
+    hw = HardwareSpec.load(out)
+    assert not hw.accelerator and hw.host_mem == 0 and hw.device_mem > 0 and hw.disk_to_host > 0
+    assert hw.matmul_rate("float32", 2048) > hw.matmul_rate("float32", 1) > 0
+    calibrated = fit(hw, model="opt-tiny", log=lambda s: None)
+    assert calibrated.calibration.compute > 0 and calibrated.calibration.call_overhead_s >= 0
+
+
+def test_planned_weight_fractions_snap_to_whole_tensors(tiny_opt):
+    from harness.auto_policy import as_placed, model_spec
+    from runtime import Engine
+    from runtime.cost_model import Workload, predict
+    from runtime.policy import Placement, Policy
+    from runtime.policy_search import Plan
+
+    path, _ = tiny_opt("pre")
+    hw, spec, work = cpu_hardware(), model_spec(path), Workload(8, 4, 2)
+    lp = Policy(device="cpu", weights=Placement(0.97, 0.0))
+    placed = as_placed(Plan(lp, predict(hw, spec, work, lp), "none", 1, {}), path, hw, spec, work)
+    assert placed.policy.weights.device <= 0.97
+    tiers = Engine(path, placed.policy).weights.bytes_by_tier()
+    assert tiers["device"] <= 0.97 * sum(tiers.values())  # at 0.97 itself the runtime would keep more
+    assert Engine(path, lp).weights.bytes_by_tier()["device"] > 0.97 * sum(tiers.values())

@@ -1,0 +1,105 @@
+"""The cost model's terms and the HardwareSpec's JSON form (pure functions: no torch, no files but JSON)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from runtime.cost_model import Workload, predict
+from runtime.hardware import HardwareError, HardwareSpec, machine_key
+from runtime.policy import Placement, Policy, QuantConfig
+from tests.runtime.cost_fixtures import G, GiB, cpu_hardware, hardware, opt
+
+WORK = Workload(prompt_len=64, gen_len=16, num_seqs=32)
+
+
+def test_all_on_device_moves_nothing_and_keeps_every_byte_on_the_device():
+    p = predict(hardware(device_mem=1000 * GiB), opt("1.3b"), WORK, Policy(gpu_batch_size=32))
+    for phase in ("prefill", "decode"):
+        assert {k: v for k, v in p.terms[phase].items() if k != "compute"} == pytest.approx(
+            dict.fromkeys(("h2d", "d2h", "disk_read", "disk_write"), 0.0))
+    assert p.memory["host"] == p.memory["disk"] == 0
+    assert p.memory["device"] > 2 * 1.3e9  # fp16 weights at least
+    assert p.bottleneck.endswith("compute")
+
+
+def test_disk_weights_cost_their_bytes_at_the_disk_bandwidth():
+    hw, model = hardware(), opt("1.3b")
+    half = predict(hw, model, WORK, Policy(gpu_batch_size=32, weights=Placement(0.5, 0.0)))
+    full = predict(hw, model, WORK, Policy(gpu_batch_size=32, weights=Placement(0.0, 0.0)))
+    per_layer = 2 * model.num_parameters() / model.num_layers  # fp16 bytes of an average layer
+    assert full.terms["decode"]["disk_read"] == pytest.approx(per_layer / hw.disk_to_host, rel=1e-6)
+    assert half.terms["decode"]["disk_read"] == pytest.approx(full.terms["decode"]["disk_read"] / 2)
+    assert full.memory["disk"] > half.memory["disk"] > 0 and full.bottleneck == "decode: disk_read"
+
+
+def test_overlap_takes_the_max_and_no_overlap_the_sum():
+    hw, model = hardware(), opt("1.3b")
+    base = dict(gpu_batch_size=8, weights=Placement(0.2, 0.3))
+    on, off = (predict(hw, model, WORK, Policy(overlap=o, **base)) for o in (True, False))
+    assert off.decode_s == pytest.approx(sum(off.terms["decode"].values()) * 24 * (WORK.gen_len - 1) * 4)
+    assert on.decode_s == pytest.approx(max(on.terms["decode"].values()) * 24 * (WORK.gen_len - 1) * 4)
+    assert on.throughput > off.throughput
+
+
+def test_compression_changes_bytes_and_compute():
+    hw, model = cpu_hardware(), opt("1.3b")
+    q = QuantConfig(bits=4, group_size=64)
+    fp = predict(hw, model, WORK, Policy(gpu_batch_size=8, weights=Placement(0.0, 0.0)))
+    q4 = predict(hw, model, WORK, Policy(gpu_batch_size=8, weights=Placement(0.0, 0.0), compress_weight=q))
+    assert 0.2 < q4.memory["disk"] / fp.memory["disk"] < 0.4  # 4 bits + fp16 scale and min per 64, embeddings kept
+    assert q4.terms["decode"]["disk_read"] < 0.4 * fp.terms["decode"]["disk_read"]
+    assert q4.terms["decode"]["compute"] != fp.terms["decode"]["compute"]  # int4 kernel rate, no fp16 conversion
+    cache = predict(hw, model, WORK, Policy(gpu_batch_size=8, compress_cache=q))
+    plain = predict(hw, model, WORK, Policy(gpu_batch_size=8))
+    assert cache.memory["device"] < plain.memory["device"]
+
+
+def test_more_sequences_than_a_block_take_more_blocks():
+    hw, model = hardware(), opt("125m")
+    one = predict(hw, model, Workload(64, 16, 16), Policy(gpu_batch_size=16))
+    four = predict(hw, model, Workload(64, 16, 64), Policy(gpu_batch_size=16))
+    assert four.prefill_s + four.decode_s == pytest.approx(4 * (one.prefill_s + one.decode_s))
+    assert four.throughput == pytest.approx(one.throughput)
+
+
+def test_matmul_rate_interpolates_in_log_m_and_clamps():
+    hw = hardware(matmul={"float32": [[1, 10.0], [100, 30.0]]})
+    assert hw.matmul_rate("float32", 1) == 10 and hw.matmul_rate("float32", 10) == pytest.approx(20)
+    assert hw.matmul_rate("float32", 1e6) == 30
+    with pytest.raises(HardwareError, match="no matmul rate for int4"):
+        hw.matmul_rate("int4", 8)
+
+
+def test_hardware_json_round_trip_and_clear_errors(tmp_path):
+    hw = cpu_hardware(disk_to_host=1.5 * G)
+    path = hw.save(tmp_path / "hw.json")
+    assert HardwareSpec.load(path) == hw
+    data = json.loads(path.read_text())
+    for mutate, match in ((lambda d: d.update(warp=1), "unknown keys \\['warp'\\]"),
+                          (lambda d: d.pop("disk_to_host"), "missing keys \\['disk_to_host'\\]"),
+                          (lambda d: d.update(device_mem=-1), "device_mem must be"),
+                          (lambda d: d.update(matmul={"float32": [[0, 1]]}), "matmul"),
+                          (lambda d: d["calibration"].update(io=0), "must be > 0")):
+        bad = json.loads(json.dumps(data))
+        mutate(bad)
+        path.write_text(json.dumps(bad))
+        with pytest.raises(HardwareError, match=match):
+            HardwareSpec.load(path)
+    path.write_text("{not json")
+    with pytest.raises(HardwareError, match="not valid JSON"):
+        HardwareSpec.load(path)
+    with pytest.raises(HardwareError, match="t4_flexgen"):
+        HardwareSpec.load(tmp_path / "missing.json")
+    assert HardwareSpec.load("t4_flexgen").accelerator
+    assert machine_key() == machine_key() and "/" not in machine_key()
+
+
+def test_cost_model_and_search_do_not_import_torch():
+    code = ("import sys, runtime.cost_model, runtime.policy_search, runtime.hardware; "
+            "print('torch' in sys.modules, 'cvxpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
