@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from harness import suite_cli
+
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="results/bench", help="folder for the CSV and PNG")
     b.add_argument("--quick", action="store_true", help="tiny model, for a smoke test")
     b.set_defaults(func=cmd_bench)
+    suite_cli.add_commands(sub)
     return parser
 
 
