@@ -44,6 +44,8 @@ def _panels(count: int, width: float = 5.0, height: float = 3.6):
 
 
 def _throughput(frame):
+    from matplotlib.ticker import ScalarFormatter
+
     scenarios = sorted(frame["scenario"].unique())
     fig, axes = _panels(len(scenarios))
     for ax, scenario in zip(axes, scenarios):
@@ -54,6 +56,9 @@ def _throughput(frame):
             line = line.sort_values("batch_size")
             ax.plot(line["batch_size"], line[column], marker="o", label=f"{model} {variant}")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(rows["batch_size"].unique()))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.minorticks_off()
         ax.set_xlabel("batch size (requests per engine call)")
         ax.set_ylabel(label)
         ax.set_title(scenario)

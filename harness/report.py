@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from harness import atomic
+from runtime.errors import FlexhelmError
 
 GiB = 2**30
 EVAL_SPLITS = ("test", "valid")
@@ -27,7 +28,7 @@ RUNTIME_COLUMNS = ("throughput_tok_s", "prompt_tok_s", "prefill_s", "decode_s", 
                    "prompt_tokens", "generated_tokens", "engine_calls", "requests", "instances")
 
 
-class ReportError(ValueError):
+class ReportError(FlexhelmError, ValueError):
     """The folder holds no finished runs, or one of them is unreadable."""
 
 

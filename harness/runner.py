@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from harness import atomic
-from harness.executor import Executor, ExecutionJob, LocalExecutor
+from harness.executor import ExecutionJob, Executor, LocalExecutor
 from harness.policies import resolve_policy
 from harness.progress import SuiteProgress
 from harness.request_cache import RequestCache, model_identity

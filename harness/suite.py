@@ -330,8 +330,9 @@ class _Parser:
             if name is None:
                 continue
             if name in first:
-                self.fail((kind, i), f"duplicate name {name!r} (first at line {self.doc.line((kind, first[name]))}); "
-                                     "run names would collide")
+                first_line = self.doc.line((kind, first[name], "name"))
+                self.fail((kind, i, "name"), f"duplicate name {name!r} (first at line {first_line}); "
+                                             "run ids would collide")
             first.setdefault(name, i)
 
     # ---- expansion ----------------------------------------------------------------------------------
