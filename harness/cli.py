@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object with ids, logprobs and timings")
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("bench", help="run a benchmark workload (W1a, W1b, W2, W3) against its baseline")
+    b = sub.add_parser("bench", help="run a benchmark workload (W1a, W1b, W2, W3, W5) against its baseline")
     b.add_argument("name")
     b.add_argument("--out", default="results/bench", help="folder for the CSV and PNG")
     b.add_argument("--quick", action="store_true", help="tiny model, for a smoke test")

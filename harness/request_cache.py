@@ -18,6 +18,8 @@ import json
 import os
 from pathlib import Path
 
+from harness.helm_json import result_from_json, to_tree
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
 
 
@@ -69,7 +71,7 @@ class RequestCache:
 
     def add_batch(self, keyed_results: list[tuple[str, object]], calls: list[dict]) -> None:
         """Record a finished batch durably (returns after fsync)."""
-        record = {"calls": calls, "results": {k: dataclasses.asdict(r) for k, r in keyed_results}}
+        record = {"calls": calls, "results": {k: to_tree(r) for k, r in keyed_results}}
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -90,10 +92,3 @@ class RequestCache:
         """Engine calls of the batches that produced any of `keys` (a run's share of a cache it may share with
         an earlier, differently sized version of itself)."""
         return [c for batch_keys, calls in self.batches if batch_keys & keys for c in calls]
-
-
-def result_from_json(data: dict):
-    import dacite
-    from helm.common.request import RequestResult
-
-    return dacite.from_dict(RequestResult, data)

@@ -46,5 +46,9 @@ _ALL = (
              "of roofline", "opt-1.3b", 16, 32, 32, repeats=1, weight_ram_bytes=2**29, module="w2"),
     Workload("W3", "compression: W2's setup with 4-bit weights and KV cache (group 64) against fp16, both ours; "
              "4bit/fp16 throughput", "opt-1.3b", 16, 32, 32, repeats=1, weight_ram_bytes=2**29, module="w3"),
+    # The batch and lengths are the quickstart suite's (suites/quickstart.yaml), which W5 runs as it is.
+    Workload("W5", "harness overhead: the quickstart suite from scratch (reference model, LAMBADA 500, "
+             "WikiText-2 test, synthetic sweep; fp16 and 4-bit); time outside the runtime / wall time",
+             "opt-ref", 32, 256, 32, repeats=1, module="w5"),
 )
 BY_NAME = {w.name: w for w in _ALL}

@@ -13,6 +13,7 @@ SUMMARY = {
     # accelerate is optional in quick mode: without it the baseline is skipped and the ratio is n/a
     "W2": r"W2 ours/accelerate=(\d+\.\d\d|n/a) roofline=\d+\.\d\d peak_rss_gb=\d+\.\d\d",
     "W3": r"W3 4bit/fp16=\d+\.\d\d",
+    "W5": r"W5 overhead=\d\.\d\d\d",
 }
 
 
@@ -27,6 +28,6 @@ def test_quick_runs_and_prints_summary(name, tmp_path, monkeypatch, capsys):
 
 
 def test_unknown_workload_lists_known_names():
-    with pytest.raises(ValueError, match="W1a, W1b, W2, W3"):
+    with pytest.raises(ValueError, match="W1a, W1b, W2, W3, W5"):
         run("W9")
-    assert set(WORKLOADS) == {"W1a", "W1b", "W2", "W3"}
+    assert set(WORKLOADS) == {"W1a", "W1b", "W2", "W3", "W5"}

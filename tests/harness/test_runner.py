@@ -146,3 +146,17 @@ def test_failed_run_is_reported_and_others_go_on(suite_file, tmp_path):
     assert status["tiny--lambada--4bit--b3"] == "failed" and status["tiny--lambada--fp16--b3"] == "done"
     assert "no 4-bit today" in (tmp_path / "r" / "fake" / "tiny--lambada--4bit--b3" / "run.log").read_text()
     assert not (tmp_path / "r" / "fake" / "tiny--lambada--4bit--b3" / "done.json").exists()
+
+
+def test_fast_json_matches_helms_asdict(suite_file, tmp_path):
+    """Our writer's `to_tree` gives exactly HELM's `asdict_without_nones` on a real scenario state."""
+    import dacite
+    from helm.benchmark.adaptation.scenario_state import ScenarioState
+    from helm.common.general import asdict_without_nones
+
+    from harness.helm_json import to_tree
+
+    run_suite(suite_file, tmp_path / "r", FakeRuntime())
+    path = tmp_path / "r" / "fake" / "tiny--wikitext--fp16--b3" / "scenario_state.json"
+    state = dacite.from_dict(ScenarioState, json.loads(path.read_text()))
+    assert to_tree(state) == json.loads(json.dumps(asdict_without_nones(state)))

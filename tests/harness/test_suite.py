@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pytest
@@ -130,3 +131,18 @@ def test_bad_scenario_is_rejected_with_its_line_before_any_run(tmp_path, tiny_op
 def test_parse_bytes():
     assert parse_bytes("16GiB") == 16 * 2**30 and parse_bytes("512 MB") == 512 * 10**6 and parse_bytes(7) == 7
     assert parse_bytes("1.5GB") == 1_500_000_000 and parse_bytes("lots") is None and parse_bytes(True) is None
+
+
+@pytest.mark.parametrize("name, runs", [("quickstart", 12), ("overnight-opt", 28)])
+def test_shipped_suites_are_valid(name, runs, tmp_path, tiny_opt, monkeypatch):
+    """The shipped suites, pointed at a tiny model, pass every check, HELM's included."""
+    pytest.importorskip("helm")
+    from harness.runner import helm_run_specs
+    from harness.suite import find_suite
+
+    monkeypatch.setenv("NLTK_DATA", str(tmp_path / "nltk"))
+    folder, _ = tiny_opt()
+    text = re.sub(r"path: .*", f"path: {folder}", find_suite(name).read_text())
+    suite = load_suite(write(tmp_path, text.replace("{", "{{").replace("}", "}}")))
+    assert suite.name == name and len(suite.runs) == runs
+    assert len(helm_run_specs(suite)) == len(suite.scenarios)
