@@ -86,6 +86,7 @@ class SuiteRunner:
         self.results_dir = Path(results_dir)
         self.executor = executor or LocalExecutor()
         self.progress_enabled = progress
+        self._last_adapted: tuple = (None, None)
 
     def suite_dir(self, suite: Suite) -> Path:
         return self.results_dir / suite.name
@@ -134,37 +135,18 @@ class SuiteRunner:
 
     def run_one(self, run: RunSpec, helm_spec, progress: SuiteProgress) -> float:
         """Run `run` (HELM RunSpec `helm_spec`) and write its folder; returns seconds spent in the runtime."""
-        from helm.benchmark.adaptation.adapters.adapter_factory import AdapterFactory
         from helm.benchmark.adaptation.scenario_state import ScenarioState
-        from helm.benchmark.data_preprocessor import DataPreprocessor
         from helm.benchmark.metrics.metric import create_metric
-        from helm.benchmark.runner import downsample_eval_instances, remove_per_instance_stats_nans, remove_stats_nans
-        from helm.benchmark.scenarios.scenario import (
-            EVAL_SPLITS,
-            create_scenario,
-            get_scenario_cache_path,
-            with_instance_ids,
-        )
+        from helm.benchmark.runner import remove_per_instance_stats_nans, remove_stats_nans
 
         started = time.perf_counter()
         run_dir, services = self.run_dir(run), self._services
         # Choose the policy
         resolved = resolve_policy(run)
 
-        # Load the scenario's instances (shipped or local data; HELM's own scenarios are fed offline)
-        scenario = create_scenario(helm_spec.scenario_spec)
-        instances = scenario.get_instances(get_scenario_cache_path(str(services.base), scenario.name))
-        if any(i.id is None for i in instances):
-            instances = with_instance_ids(instances)
+        # Load the scenario's instances and adapt them into requests (HELM's adapter)
+        scenario, states = self._adapt(helm_spec)
         adapter_spec = helm_spec.adapter_spec
-        if adapter_spec.max_eval_instances is not None:
-            instances = downsample_eval_instances(instances, adapter_spec.max_eval_instances,
-                                                  adapter_spec.eval_splits or EVAL_SPLITS)
-        instances = DataPreprocessor(helm_spec.data_augmenter_spec).preprocess(instances, 1)
-
-        # Adapt (instances -> requests)
-        adapter = AdapterFactory.get_adapter(adapter_spec, services.tokenizer_service)
-        states = adapter.adapt(instances, 1)
         eval_instances = len({s.instance.id for s in states})
 
         # Execute in batches on the runtime (batches finished before a crash come from the request cache)
@@ -209,6 +191,35 @@ class SuiteRunner:
         atomic.write_json(run_dir / DONE, {"key": run.key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                            "harness_s": time.perf_counter() - started - runtime_s})
         return runtime_s
+
+    def _adapt(self, helm_spec) -> tuple:
+        """(scenario, request states) of `helm_spec`. Adapting is deterministic and the same for every variant
+        and batch size of a model x scenario, which the suite runs one after another: the last one is reused."""
+        from helm.benchmark.adaptation.adapters.adapter_factory import AdapterFactory
+        from helm.benchmark.data_preprocessor import DataPreprocessor
+        from helm.benchmark.runner import downsample_eval_instances
+        from helm.benchmark.scenarios.scenario import (
+            EVAL_SPLITS,
+            create_scenario,
+            get_scenario_cache_path,
+            with_instance_ids,
+        )
+
+        key = helm_json.dumps(helm_json.to_tree(helm_spec), compact=True)
+        if self._last_adapted[0] == key:
+            return self._last_adapted[1]
+        scenario = create_scenario(helm_spec.scenario_spec)
+        instances = scenario.get_instances(get_scenario_cache_path(str(self._services.base), scenario.name))
+        if any(i.id is None for i in instances):
+            instances = with_instance_ids(instances)
+        adapter_spec = helm_spec.adapter_spec
+        if adapter_spec.max_eval_instances is not None:
+            instances = downsample_eval_instances(instances, adapter_spec.max_eval_instances,
+                                                  adapter_spec.eval_splits or EVAL_SPLITS)
+        instances = DataPreprocessor(helm_spec.data_augmenter_spec).preprocess(instances, 1)
+        states = AdapterFactory.get_adapter(adapter_spec, self._services.tokenizer_service).adapt(instances, 1)
+        self._last_adapted = (key, (scenario, states))
+        return scenario, states
 
 
 def runtime_summary(calls: list[dict], num_requests: int, num_instances: int) -> dict:

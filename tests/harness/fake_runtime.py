@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 from harness.backend import BatchOutput, EngineCall, _output
 from harness.token_text import TokenTexts
@@ -22,9 +23,11 @@ class InjectedCrash(BaseException):
 class FakeRuntime:
     """`backend_factory` for `LocalExecutor`: every backend it makes shares its counters."""
 
-    def __init__(self, crash_at_batch: int | None = None) -> None:
+    def __init__(self, crash_at_batch: int | None = None, delay_s: float = 0.0) -> None:
         self.crash_at_batch = crash_at_batch
         """Raise `InjectedCrash` when this batch (0-based, counted over all backends) starts."""
+        self.delay_s = delay_s
+        """Sleep this long per batch (gives a test time to kill the process mid-run)."""
         self.batches = 0
         self.processed: list[tuple[str, str]] = []
         """(policy, request), both as JSON, of every request processed, in order."""
@@ -49,6 +52,7 @@ class _FakeBackend:
         if rt.crash_at_batch is not None and rt.batches == rt.crash_at_batch:
             raise InjectedCrash(f"crash injected at batch {rt.batches}")
         rt.batches += 1
+        time.sleep(rt.delay_s)
         rt.processed.extend((self.policy, json.dumps(dataclasses.asdict(r), sort_keys=True)) for r in requests)
         results, prompt_tokens, generated = [], 0, 0
         for r in requests:
@@ -64,3 +68,8 @@ class _FakeBackend:
         stats = CallStats(prefill_s=0.004, decode_s=0.006, prompt_tokens=prompt_tokens, generated_tokens=generated,
                           peak_memory={"host": 2**20, "disk": 0})
         return BatchOutput(results, [EngineCall("fake", len(requests), len(requests), 0.01, stats)])
+
+
+def suite_text(name: str, model, rest: str) -> str:
+    """A suite file on one model named `tiny` at `model`: lines 1-4, then `rest` (scenarios, variants)."""
+    return f"suite: {name}\nmodels:\n  - name: tiny\n    path: {model}\n" + rest

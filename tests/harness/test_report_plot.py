@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
 pytest.importorskip("helm")
@@ -13,13 +11,9 @@ pytest.importorskip("matplotlib")
 from harness.executor import LocalExecutor  # noqa: E402
 from harness.runner import SuiteRunner  # noqa: E402
 from harness.suite import load_suite  # noqa: E402
-from tests.harness.fake_runtime import FakeRuntime  # noqa: E402
+from tests.harness.fake_runtime import FakeRuntime, suite_text  # noqa: E402
 
-SUITE = """\
-suite: small
-models:
-  - name: tiny
-    path: {model}
+SCENARIOS_VARIANTS = """\
 scenarios:
   - run: wikitext
     max_instances: 1
@@ -42,7 +36,7 @@ def suite_dir(tmp_path_factory, tiny_opt):
     folder, _ = tiny_opt()
     tmp = tmp_path_factory.mktemp("report")
     path = tmp / "suite.yaml"
-    path.write_text(textwrap.dedent(SUITE).format(model=folder))
+    path.write_text(suite_text("small", folder, SCENARIOS_VARIANTS))
     SuiteRunner(tmp / "results", LocalExecutor(FakeRuntime()), progress=False).run(load_suite(path))
     yield tmp / "results" / "small"
     mp.undo()

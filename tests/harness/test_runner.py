@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 
@@ -13,17 +12,13 @@ from harness.executor import LocalExecutor  # noqa: E402
 from harness.request_cache import RequestCache  # noqa: E402
 from harness.runner import SuiteRunner  # noqa: E402
 from harness.suite import load_suite  # noqa: E402
-from tests.harness.fake_runtime import FakeRuntime, InjectedCrash  # noqa: E402
+from tests.harness.fake_runtime import FakeRuntime, InjectedCrash, suite_text  # noqa: E402
 
 HELM_FILES = ("run_spec.json", "scenario.json", "scenario_state.json", "stats.json", "per_instance_stats.json")
 OUR_FILES = ("policy.json", "env.json", "runtime.json", "flexhelm_run.json", "run.log", "done.json")
 SAME_FILES = ("scenario_state.json", "stats.json", "per_instance_stats.json", "runtime.json", "policy.json",
               "run_spec.json")
-SUITE = """\
-suite: fake
-models:
-  - name: tiny
-    path: {model}
+SCENARIOS_VARIANTS = """\
 scenarios:
   - run: lambada:method=greedy
     name: lambada
@@ -51,7 +46,7 @@ def _nltk_in_tmp(tmp_path_factory, monkeypatch):
 def suite_file(tmp_path, tiny_opt):
     folder, _ = tiny_opt()
     path = tmp_path / "suite.yaml"
-    path.write_text(textwrap.dedent(SUITE).format(model=folder))
+    path.write_text(suite_text("fake", folder, SCENARIOS_VARIANTS))
     return path
 
 
@@ -160,3 +155,47 @@ def test_fast_json_matches_helms_asdict(suite_file, tmp_path):
     path = tmp_path / "r" / "fake" / "tiny--wikitext--fp16--b3" / "scenario_state.json"
     state = dacite.from_dict(ScenarioState, json.loads(path.read_text()))
     assert to_tree(state) == json.loads(json.dumps(asdict_without_nones(state)))
+
+
+KILLABLE = """\
+import sys
+from harness.executor import LocalExecutor
+from harness.runner import SuiteRunner
+from harness.suite import load_suite
+from tests.harness.fake_runtime import FakeRuntime
+SuiteRunner(sys.argv[2], LocalExecutor(FakeRuntime(delay_s=0.05)), progress=False).run(load_suite(sys.argv[1]))
+"""
+
+
+def test_kill_9_mid_run_then_rerun(suite_file, tmp_path):
+    """A real SIGKILL while a run writes its request cache; the same command again completes the suite."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    clean = FakeRuntime()
+    run_suite(suite_file, tmp_path / "clean", clean)
+    killed = tmp_path / "killed"
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(suite_file), str(killed)], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cache = killed / "fake" / "tiny--wikitext--fp16--b3" / "requests.jsonl"
+    deadline = time.monotonic() + 120
+    while not (cache.is_file() and cache.read_bytes().count(b"\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (cache.parent / "done.json").exists()
+    cached = sum(len(RequestCache(p).results) for p in killed.glob("fake/*/requests.jsonl"))
+
+    rerun = FakeRuntime()
+    run_suite(suite_file, killed, rerun)
+    assert len(rerun.processed) == len(clean.processed) - cached
+    for run_dir in sorted((tmp_path / "clean" / "fake").glob("tiny--*")):
+        for name in SAME_FILES:
+            assert (killed / "fake" / run_dir.name / name).read_text() == (run_dir / name).read_text()

@@ -8,12 +8,9 @@ import textwrap
 import pytest
 
 from harness.suite import Compression, SuiteError, load_suite, parse_bytes
+from tests.harness.fake_runtime import suite_text
 
-GOOD = """\
-suite: s1
-models:
-  - name: tiny
-    path: {model}
+GOOD = suite_text("s1", "{model}", """\
 scenarios:
   - run: lambada:method=greedy
     name: lambada
@@ -31,7 +28,7 @@ variants:
     policy: {{num_gpu_batches: 2}}
     memory: {{host: 2GiB, disk: 10 GB}}
     batch_sizes: [4]
-"""
+""")
 
 
 def write(tmp_path, text: str, **fmt):
