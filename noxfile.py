@@ -1,4 +1,5 @@
-"""Sessions: `tests` (the fast suite CI runs), `lint` (ruff), `bench` (W1a, W1b, W2)."""
+"""Sessions: `tests` (the fast suite CI runs), `lint` (ruff), `bench` (W1a, W1b, W2), `quickstart` (the
+shipped suite on the reference model, then its report and plots)."""
 
 import nox
 
@@ -40,3 +41,14 @@ def bench(session: nox.Session) -> None:
     _install(session, "bench")
     for name in session.posargs or ["W1a", "W1b", "W2"]:
         session.run("flexhelm", "bench", name, env=OFFLINE)
+
+
+@nox.session
+def quickstart(session: nox.Session) -> None:
+    """`flexhelm run quickstart`, its plots, and the report, which ends by printing the comparison table and
+    the paths of the report and plot files. Rerunning resumes: finished runs are skipped."""
+    _install(session, "helm,report")
+    results = "results/quickstart"
+    session.run("flexhelm", "run", "quickstart", *session.posargs, env=OFFLINE)
+    session.run("flexhelm", "plot", results, env=OFFLINE)
+    session.run("flexhelm", "report", results, env=OFFLINE)

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from harness import auto_policy, plan_cli
+from harness import auto_policy, plan_cli, suite_cli
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -180,12 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan_cli.add_planning_args(g)
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("bench", help="run a benchmark workload (W1a, W1b, W1c, W2, W3, W4) against its baseline")
+    b = sub.add_parser("bench", help="run a benchmark workload (W1a, W1b, W1c, W2, W3, W4, W5, quality)")
     b.add_argument("name")
     b.add_argument("--out", default="results/bench", help="folder for the CSV and PNG")
     b.add_argument("--quick", action="store_true", help="tiny model, for a smoke test")
     b.set_defaults(func=cmd_bench)
     plan_cli.add_parsers(sub)
+    suite_cli.add_commands(sub)
     return parser
 
 

@@ -16,6 +16,7 @@ SUMMARY = {
     "W1c": r"W1c ours/hf_best=(\d+\.\d\d|n/a)",
     "W4": r"W4 auto/best=(\d+\.\d\d|n/a) median_abs_pred_err=\d+\.\d\d",
     "quality": r"quality w4\+c4: ppl [+-]\d+\.\d\d% lambada_acc [+-]\d+\.\d\d points",
+    "W5": r"W5 overhead=\d\.\d\d\d",
 }
 
 
@@ -33,4 +34,4 @@ def test_quick_runs_and_prints_summary(name, tmp_path, monkeypatch, capsys):
 def test_unknown_workload_lists_known_names():
     with pytest.raises(ValueError, match=", ".join(sorted(WORKLOADS))):
         run("W9")
-    assert set(WORKLOADS) == {"W1a", "W1b", "W1c", "W2", "W3", "W4", "quality"}
+    assert set(WORKLOADS) == {"W1a", "W1b", "W1c", "W2", "W3", "W4", "W5", "quality"}

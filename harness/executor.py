@@ -1,0 +1,101 @@
+"""Executors: a run's HELM request states in, the same states with results out, batch by batch.
+
+The runner hands an executor an `ExecutionJob` (what to load: model folder, policy, batch size) rather than a
+loaded backend, so that an executor may run batches elsewhere (a Ray cluster is next) and load the model
+there. `LocalExecutor` runs them in this process. Either way, each batch's results go into the run's
+`RequestCache` before the next batch starts, and requests whose results are cached are never sent again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from harness.request_cache import RequestCache, request_key
+
+
+@dataclass(frozen=True)
+class ExecutionJob:
+    model_dir: str
+    policy: object
+    """The runtime `Policy`."""
+    batch_size: int
+    """Requests per engine call."""
+    model_identity: dict = field(default_factory=dict)
+    """`request_cache.model_identity(model_dir)`: part of every cache key."""
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    """Progress report after each batch (cached or computed)."""
+
+    requests: int
+    prompt_tokens: int
+    generated_tokens: int
+    cached: bool
+
+
+@dataclass
+class ExecutionReport:
+    """What an execution did: the cache keys of its requests, and seconds inside the runtime (benchmark W5)."""
+
+    keys: list[str] = field(default_factory=list)
+    """Request cache key of each state, in order."""
+    load_s: float = 0.0
+    """Loading the model (first use of the backend in this process)."""
+    engine_s: float = 0.0
+    """Engine calls of the batches computed now (cached batches cost nothing)."""
+
+
+class Executor(Protocol):
+    def execute(self, job: ExecutionJob, states: list, cache: RequestCache,
+                on_batch: Callable[[BatchDone], None]) -> tuple[list, ExecutionReport]:
+        """Fill in `result` of every state; batches of `job.batch_size`, each recorded in `cache` when done."""
+
+
+class LocalExecutor:
+    """Runs batches in this process on a backend from `backend_factory(model_dir, policy)`
+    (default: `harness.backend.get_backend`, one loaded model per folder and policy per process)."""
+
+    def __init__(self, backend_factory: Callable | None = None) -> None:
+        self.backend_factory = backend_factory
+
+    def execute(self, job: ExecutionJob, states: list, cache: RequestCache,
+                on_batch: Callable[[BatchDone], None]) -> tuple[list, ExecutionReport]:
+        from harness.helm_client import _with_result
+
+        policy_json = job.policy.to_json()
+        keys = [request_key(job.model_identity, policy_json, s.request) for s in states]
+        report = ExecutionReport(keys)
+        states = list(states)
+        backend = None
+        for start in range(0, len(states), job.batch_size):
+            part = range(start, min(start + job.batch_size, len(states)))
+            results = {i: cache.get(keys[i]) for i in part}
+            todo = [i for i in part if results[i] is None]
+            calls: list[dict] = []
+            if todo:
+                if backend is None:
+                    t0 = time.perf_counter()
+                    backend = self._backend(job)
+                    report.load_s += time.perf_counter() - t0
+                out = backend.process_batch([states[i].request for i in todo])
+                calls = [c.to_json() for c in out.calls]
+                report.engine_s += sum(c["wall_s"] for c in calls)
+                results.update(zip(todo, out.results))
+                # failures are not cached: a rerun retries them (HELM's rule below then stops this run)
+                cache.add_batch([(keys[i], results[i]) for i in todo if results[i].success], calls)
+            for i in part:
+                states[i] = _with_result(states[i], results[i])
+            on_batch(BatchDone(len(part), sum(c["prompt_tokens"] for c in calls),
+                               sum(c["generated_tokens"] for c in calls), cached=not todo))
+        return states, report
+
+    def _backend(self, job: ExecutionJob):
+        factory = self.backend_factory
+        if factory is None:
+            from harness.backend import get_backend as factory
+        return factory(job.model_dir, job.policy)
+

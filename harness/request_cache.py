@@ -1,0 +1,94 @@
+"""A run's request cache: finished batches survive a crash, and a rerun reuses them instead of recomputing.
+
+One append-only JSON Lines file per run; each line is one finished batch:
+`{"calls": [EngineCall json, ...], "results": {key: RequestResult json, ...}}`, written in one `write` and
+fsync'ed before the runner moves on, so a line is either whole or the torn tail of a crash. A torn tail is
+cut off when the file is reopened (appending after it would glue the next batch to garbage).
+
+A result's key hashes the model's identity (folder, config, weight files' sizes and times), the runtime
+policy (the variant, batch included) and the HELM request itself, so a cache can never answer a request
+that would now run differently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from harness.helm_json import result_from_json, to_tree
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
+
+
+def model_identity(folder: str | os.PathLike) -> dict:
+    """What identifies a checkpoint's results: its folder and its files' names, sizes and modification times
+    (cheap: weights are not hashed; any rewrite changes the time)."""
+    folder = Path(folder).resolve()
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    return {"folder": str(folder), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+
+
+def request_key(model: dict, policy: dict, request) -> str:
+    """Cache key of a HELM `Request` sent to `model` (see `model_identity`) under `policy` (Policy JSON)."""
+    payload = {"model": model, "policy": policy, "request": dataclasses.asdict(request)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class RequestCache:
+    """Results of finished batches of one run, loaded from and appended to `path`."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.results: dict[str, dict] = {}
+        """Key -> `RequestResult` as JSON."""
+        self.batches: list[tuple[frozenset[str], list[dict]]] = []
+        """Each finished batch: its keys and engine calls (timings and memory of what produced the results)."""
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        whole = data[:data.rfind(b"\n") + 1]  # a crash mid-write leaves a partial last line: drop it
+        for line in whole.splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # only possible for a line torn and then appended to by old code
+                continue
+            self._remember(record)
+        if len(whole) < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(len(whole))
+                os.fsync(f.fileno())
+
+    def get(self, key: str):
+        """The cached `RequestResult` for `key`, or None."""
+        found = self.results.get(key)
+        return None if found is None else result_from_json(found)
+
+    def add_batch(self, keyed_results: list[tuple[str, object]], calls: list[dict]) -> None:
+        """Record a finished batch durably (returns after fsync)."""
+        record = {"calls": calls, "results": {k: to_tree(r) for k, r in keyed_results}}
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(line)
+            while view:  # a regular file takes it all at once, unless a signal interrupts the write
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._remember(record)
+
+    def _remember(self, record: dict) -> None:
+        self.results.update(record["results"])
+        self.batches.append((frozenset(record["results"]), record["calls"]))
+
+    def calls_for(self, keys: set[str]) -> list[dict]:
+        """Engine calls of the batches that produced any of `keys` (a run's share of a cache it may share with
+        an earlier, differently sized version of itself)."""
+        return [c for batch_keys, calls in self.batches if batch_keys & keys for c in calls]

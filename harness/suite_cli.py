@@ -1,0 +1,85 @@
+"""`flexhelm run SUITE`, `flexhelm report DIR`, `flexhelm plot DIR`: the overnight workflow's commands.
+
+Kept apart from `harness/cli.py`, which only calls `add_commands`; each command builds the spec objects
+(suite, runner) and prints, the work is done in `suite`, `runner`, `report` and `plot`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_RESULTS = "results"
+
+
+def add_commands(sub) -> None:
+    r = sub.add_parser("run", help="run every run of a suite file (resumable: rerun the same command)")
+    r.add_argument("suite", help="suite YAML file, or the name of a shipped suite (quickstart)")
+    r.add_argument("--results", default=DEFAULT_RESULTS, help="results folder; runs go to RESULTS/<suite>/<run>/")
+    r.add_argument("--max-instances", type=int, help="cap every scenario's instances (a smoke test of a suite)")
+    r.add_argument("--dry-run", action="store_true", help="validate the suite and list its runs, run nothing")
+    r.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="one table row per run (parquet + CSV) and fp16 vs compressed comparison")
+    p.add_argument("suite_dir", help="a suite's results folder, e.g. results/quickstart")
+    p.set_defaults(func=cmd_report)
+
+    g = sub.add_parser("plot", help="throughput vs batch size, accuracy / perplexity per variant, time breakdown")
+    g.add_argument("suite_dir", help="a suite's results folder, e.g. results/quickstart")
+    g.set_defaults(func=cmd_plot)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.runner import SuiteRunner, helm_run_specs
+    from harness.suite import load_suite
+
+    if args.max_instances is not None and args.max_instances < 1:
+        print("flexhelm: error: --max-instances must be >= 1", file=sys.stderr)
+        return 2
+    suite = load_suite(args.suite, max_instances=args.max_instances)
+    runner = SuiteRunner(args.results)
+    if args.dry_run:
+        helm_run_specs(suite)  # the HELM side of validation: scenarios, arguments, models
+        print(f"suite {suite.name}: {len(suite.runs)} runs -> {runner.suite_dir(suite)}/")
+        for run in suite.runs:
+            state = "finished" if runner.is_finished(run) else "to run"
+            limit = run.scenario.max_instances or "all"
+            print(f"  {run.id}  [{run.scenario.run}, instances {limit}, policy {_policy_text(run.variant)}] {state}")
+        return 0
+    print(f"suite {suite.name}: {len(suite.runs)} runs -> {runner.suite_dir(suite)}/", flush=True)
+    outcomes = runner.run(suite)
+    failed = [o for o in outcomes if o.status == "failed"]
+    done = sum(o.status == "done" for o in outcomes)
+    print(f"suite {suite.name}: {done} run now, {len(outcomes) - done - len(failed)} finished before, "
+          f"{len(failed)} failed")
+    return 1 if failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.report import build_report, comparison, save_report, show
+
+    suite_dir = Path(args.suite_dir)
+    frame = build_report(suite_dir)
+    paths = save_report(frame, suite_dir)
+    print(show(frame, comparison(frame)))
+    plots = sorted(suite_dir.glob("plots/*.png"))
+    print("\nreport: " + ", ".join(str(p) for p in paths))
+    if plots:
+        print("plots:  " + ", ".join(str(p) for p in plots))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from harness.plot import plot_suite
+    from harness.report import build_report
+
+    suite_dir = Path(args.suite_dir)
+    paths = plot_suite(build_report(suite_dir), suite_dir / "plots")
+    print("plots: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _policy_text(variant) -> str:
+    compress = "" if variant.compress.value == "off" else f", {variant.compress.value} {variant.bits}-bit"
+    return ("auto" if variant.policy == "auto" else "explicit") + compress

@@ -1,0 +1,75 @@
+"""A fake runtime backend for harness tests: deterministic results in microseconds, and a crash on demand.
+
+It has `RuntimeBackend.process_batch`'s contract (HELM requests in, `BatchOutput` out) without the engine:
+an echo request gets its prompt's tokens back at fixed log-probs, a generation request the first
+`max_tokens` tokens of its own prompt. Timings and memory are constants, so two runs write identical files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+from harness.backend import BatchOutput, EngineCall, _output
+from harness.token_text import TokenTexts
+from runtime.results import CallStats
+
+
+class InjectedCrash(BaseException):
+    """Stands for kill -9: not an `Exception`, so nothing in the harness catches it."""
+
+
+class FakeRuntime:
+    """`backend_factory` for `LocalExecutor`: every backend it makes shares its counters."""
+
+    def __init__(self, crash_at_batch: int | None = None, delay_s: float = 0.0) -> None:
+        self.crash_at_batch = crash_at_batch
+        """Raise `InjectedCrash` when this batch (0-based, counted over all backends) starts."""
+        self.delay_s = delay_s
+        """Sleep this long per batch (gives a test time to kill the process mid-run)."""
+        self.batches = 0
+        self.processed: list[tuple[str, str]] = []
+        """(policy, request), both as JSON, of every request processed, in order."""
+        self._tokenizers: dict = {}
+
+    def __call__(self, model_dir, policy):
+        from runtime.checkpoint import load_tokenizer
+
+        if model_dir not in self._tokenizers:
+            self._tokenizers[model_dir] = load_tokenizer(model_dir)
+        return _FakeBackend(self, self._tokenizers[model_dir], json.dumps(policy.to_json(), sort_keys=True))
+
+
+class _FakeBackend:
+    def __init__(self, runtime: FakeRuntime, tokenizer, policy: str) -> None:
+        self.runtime, self.tokenizer, self.texts, self.policy = runtime, tokenizer, TokenTexts(tokenizer), policy
+
+    def process_batch(self, requests) -> BatchOutput:
+        from helm.common.request import RequestResult
+
+        rt = self.runtime
+        if rt.crash_at_batch is not None and rt.batches == rt.crash_at_batch:
+            raise InjectedCrash(f"crash injected at batch {rt.batches}")
+        rt.batches += 1
+        time.sleep(rt.delay_s)
+        rt.processed.extend((self.policy, json.dumps(dataclasses.asdict(r), sort_keys=True)) for r in requests)
+        results, prompt_tokens, generated = [], 0, 0
+        for r in requests:
+            ids = self.tokenizer(r.prompt, add_special_tokens=False)["input_ids"]
+            prompt_tokens += len(ids)
+            out_ids = ids if r.echo_prompt else ids[:r.max_tokens]
+            generated += 0 if r.echo_prompt else len(out_ids)
+            logprobs = [-1.0 - (i % 7) / 10 for i in out_ids]
+            completion = _output(self.texts.render(out_ids), logprobs, "length")
+            results.append(RequestResult(success=True, embedding=[], completions=[completion] * r.num_completions,
+                                         cached=False, request_time=0.01, batch_size=len(requests),
+                                         batch_request_time=0.01))
+        stats = CallStats(prefill_s=0.004, decode_s=0.006, prompt_tokens=prompt_tokens, generated_tokens=generated,
+                          peak_memory={"host": 2**20, "disk": 0})
+        return BatchOutput(results, [EngineCall("fake", len(requests), len(requests), 0.01, stats)])
+
+
+def suite_text(name: str, model, rest: str) -> str:
+    """A suite file on one model named `tiny` at `model`: lines 1-4, then `rest` (scenarios, variants)."""
+    return f"suite: {name}\nmodels:\n  - name: tiny\n    path: {model}\n" + rest

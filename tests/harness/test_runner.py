@@ -1,0 +1,201 @@
+"""The suite runner: HELM's layout, crash and rerun equal to an uninterrupted run, nothing finished recomputed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("helm")
+
+from harness.executor import LocalExecutor  # noqa: E402
+from harness.request_cache import RequestCache  # noqa: E402
+from harness.runner import SuiteRunner  # noqa: E402
+from harness.suite import load_suite  # noqa: E402
+from tests.harness.fake_runtime import FakeRuntime, InjectedCrash, suite_text  # noqa: E402
+
+HELM_FILES = ("run_spec.json", "scenario.json", "scenario_state.json", "stats.json", "per_instance_stats.json")
+OUR_FILES = ("policy.json", "env.json", "runtime.json", "flexhelm_run.json", "run.log", "done.json")
+SAME_FILES = ("scenario_state.json", "stats.json", "per_instance_stats.json", "runtime.json", "policy.json",
+              "run_spec.json")
+SCENARIOS_VARIANTS = """\
+scenarios:
+  - run: lambada:method=greedy
+    name: lambada
+    max_instances: 10
+  - run: wikitext
+    max_instances: 1
+  - run: synthetic:num_prompts=6,prompt_len=16,output_len=4
+    name: synthetic
+    batch_sizes: [2, 4]
+variants:
+  - name: fp16
+    batch_sizes: [3]
+  - name: 4bit
+    compress: weights
+    batch_sizes: [3]
+"""
+
+
+@pytest.fixture(autouse=True)
+def _nltk_in_tmp(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("NLTK_DATA", str(tmp_path_factory.getbasetemp() / "nltk"))
+
+
+@pytest.fixture
+def suite_file(tmp_path, tiny_opt):
+    folder, _ = tiny_opt()
+    path = tmp_path / "suite.yaml"
+    path.write_text(suite_text("fake", folder, SCENARIOS_VARIANTS))
+    return path
+
+
+def run_suite(path, results, runtime: FakeRuntime):
+    runner = SuiteRunner(results, LocalExecutor(runtime), progress=False)
+    return runner.run(load_suite(path))
+
+
+def test_fake_suite_writes_helm_layout(suite_file, tmp_path):
+    runtime = FakeRuntime()
+    outcomes = run_suite(suite_file, tmp_path / "r", runtime)
+    assert [o.status for o in outcomes] == ["done"] * 8
+    for o in outcomes:
+        folder = tmp_path / "r" / "fake" / o.run_id
+        assert all((folder / f).is_file() for f in HELM_FILES + OUR_FILES), o.run_id
+        assert json.loads((folder / "done.json").read_text())["key"] == json.loads(
+            (folder / "flexhelm_run.json").read_text())["key"]
+    lam = tmp_path / "r" / "fake" / "tiny--lambada--4bit--b3"
+    states = json.loads((lam / "scenario_state.json").read_text())["request_states"]
+    assert len(states) == 10 and {s["result"]["batch_size"] for s in states} == {3, 1}  # 10 = 3+3+3+1
+    stats = {s["name"]["name"] for s in json.loads((lam / "stats.json").read_text())}
+    assert "prompt_truncated" in stats  # scenario metrics ran (the tiny model's window truncates every passage)
+    policy = json.loads((lam / "policy.json").read_text())
+    assert policy["requested"] == "auto" and policy["policy"]["compress_weight"]["bits"] == 4
+    assert policy["policy"]["compress_cache"] is None and policy["policy"]["gpu_batch_size"] == 3
+    env = json.loads((lam / "env.json").read_text())
+    assert env["packages"]["crfm-helm"] and env["hardware"]["cpu_count"] >= 1
+    runtime_json = json.loads((lam / "runtime.json").read_text())
+    assert runtime_json["engine_calls"] == 4 and runtime_json["requests"] == 10
+    # a rerun of the same command skips every finished run and sends nothing
+    again = FakeRuntime()
+    assert [o.status for o in run_suite(suite_file, tmp_path / "r", again)] == ["skipped"] * 8
+    assert again.processed == []
+
+
+@pytest.mark.parametrize("crash_at", [0, 5, 23])
+def test_crash_and_rerun_equal_an_uninterrupted_run(suite_file, tmp_path, crash_at):
+    clean = FakeRuntime()
+    run_suite(suite_file, tmp_path / "clean", clean)
+    total = len(clean.processed)
+    assert clean.batches > 23
+
+    crashing = FakeRuntime(crash_at_batch=crash_at)
+    with pytest.raises(InjectedCrash):
+        run_suite(suite_file, tmp_path / "resumed", crashing)
+    finished_before = len(crashing.processed)
+    rerun = FakeRuntime()
+    run_suite(suite_file, tmp_path / "resumed", rerun)
+
+    # nothing finished before the crash is sent again, and everything else is sent exactly once
+    assert len(rerun.processed) == total - finished_before
+    assert not set(crashing.processed) & set(rerun.processed)
+    for run_dir in sorted((tmp_path / "clean" / "fake").glob("tiny--*")):
+        for name in SAME_FILES:
+            resumed = tmp_path / "resumed" / "fake" / run_dir.name / name
+            assert resumed.read_text() == (run_dir / name).read_text(), f"{run_dir.name}/{name}"
+
+
+def test_edited_entry_reruns_and_reuses_the_cache(suite_file, tmp_path):
+    run_suite(suite_file, tmp_path / "r", FakeRuntime())
+    suite_file.write_text(suite_file.read_text().replace("max_instances: 10", "max_instances: 12"))
+    rerun = FakeRuntime()
+    outcomes = run_suite(suite_file, tmp_path / "r", rerun)
+    assert [o.status for o in outcomes][:2] == ["done", "done"] and outcomes[2].status == "skipped"
+    # the batches of 3 differ now ([0..2], [3..5], ...), but requests already answered come from the cache
+    assert len(rerun.processed) < 2 * 12
+
+
+def test_torn_cache_line_is_dropped(tmp_path):
+    from helm.common.request import RequestResult
+
+    cache = RequestCache(tmp_path / "requests.jsonl")
+    ok = RequestResult(success=True, embedding=[], completions=[], cached=False)
+    cache.add_batch([("a", ok)], [{"wall_s": 1.0}])
+    with open(tmp_path / "requests.jsonl", "ab") as f:
+        f.write(b'{"calls": [], "results": {"b": {"succ')  # killed mid-write
+    reopened = RequestCache(tmp_path / "requests.jsonl")
+    assert reopened.get("a") == ok and reopened.get("b") is None
+    reopened.add_batch([("c", ok)], [])
+    assert set(RequestCache(tmp_path / "requests.jsonl").results) == {"a", "c"}
+
+
+def test_failed_run_is_reported_and_others_go_on(suite_file, tmp_path):
+    class Broken(FakeRuntime):
+        def __call__(self, model_dir, policy):
+            if policy.compress_weight is not None:
+                raise RuntimeError("no 4-bit today")
+            return super().__call__(model_dir, policy)
+
+    outcomes = run_suite(suite_file, tmp_path / "r", Broken())
+    status = {o.run_id: o.status for o in outcomes}
+    assert status["tiny--lambada--4bit--b3"] == "failed" and status["tiny--lambada--fp16--b3"] == "done"
+    assert "no 4-bit today" in (tmp_path / "r" / "fake" / "tiny--lambada--4bit--b3" / "run.log").read_text()
+    assert not (tmp_path / "r" / "fake" / "tiny--lambada--4bit--b3" / "done.json").exists()
+
+
+def test_fast_json_matches_helms_asdict(suite_file, tmp_path):
+    """Our writer's `to_tree` gives exactly HELM's `asdict_without_nones` on a real scenario state."""
+    import dacite
+    from helm.benchmark.adaptation.scenario_state import ScenarioState
+    from helm.common.general import asdict_without_nones
+
+    from harness.helm_json import to_tree
+
+    run_suite(suite_file, tmp_path / "r", FakeRuntime())
+    path = tmp_path / "r" / "fake" / "tiny--wikitext--fp16--b3" / "scenario_state.json"
+    state = dacite.from_dict(ScenarioState, json.loads(path.read_text()))
+    assert to_tree(state) == json.loads(json.dumps(asdict_without_nones(state)))
+
+
+KILLABLE = """\
+import sys
+from harness.executor import LocalExecutor
+from harness.runner import SuiteRunner
+from harness.suite import load_suite
+from tests.harness.fake_runtime import FakeRuntime
+SuiteRunner(sys.argv[2], LocalExecutor(FakeRuntime(delay_s=0.05)), progress=False).run(load_suite(sys.argv[1]))
+"""
+
+
+def test_kill_9_mid_run_then_rerun(suite_file, tmp_path):
+    """A real SIGKILL while a run writes its request cache; the same command again completes the suite."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    clean = FakeRuntime()
+    run_suite(suite_file, tmp_path / "clean", clean)
+    killed = tmp_path / "killed"
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(suite_file), str(killed)], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cache = killed / "fake" / "tiny--wikitext--fp16--b3" / "requests.jsonl"
+    deadline = time.monotonic() + 120
+    while not (cache.is_file() and cache.read_bytes().count(b"\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (cache.parent / "done.json").exists()
+    cached = sum(len(RequestCache(p).results) for p in killed.glob("fake/*/requests.jsonl"))
+
+    rerun = FakeRuntime()
+    run_suite(suite_file, killed, rerun)
+    assert len(rerun.processed) == len(clean.processed) - cached
+    for run_dir in sorted((tmp_path / "clean" / "fake").glob("tiny--*")):
+        for name in SAME_FILES:
+            assert (killed / "fake" / run_dir.name / name).read_text() == (run_dir / name).read_text()

@@ -1,0 +1,145 @@
+"""Suite files: expansion into RunSpecs with stable ids, and malformed files rejected with the line named."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+
+import pytest
+
+from harness.suite import Compression, SuiteError, load_suite, parse_bytes
+from tests.harness.fake_runtime import suite_text
+
+GOOD = suite_text("s1", "{model}", """\
+scenarios:
+  - run: lambada:method=greedy
+    name: lambada
+    max_instances: 20
+  - run: synthetic:num_prompts=8,prompt_len=16,output_len=4
+    batch_sizes: [2, 8]
+variants:
+  - name: fp16
+    compress: off
+    batch_sizes: [4]
+  - name: 4bit
+    compress: both
+    bits: 4
+    group_size: 32
+    policy: {{num_gpu_batches: 2}}
+    memory: {{host: 2GiB, disk: 10 GB}}
+    batch_sizes: [4]
+""")
+
+
+def write(tmp_path, text: str, **fmt):
+    path = tmp_path / "suite.yaml"
+    path.write_text(textwrap.dedent(text).format(**fmt))
+    return path
+
+
+def test_expands_models_scenarios_variants_and_batches(tmp_path, tiny_opt):
+    folder, _ = tiny_opt()
+    suite = load_suite(write(tmp_path, GOOD, model=folder))
+    ids = [r.id for r in suite.runs]
+    assert ids == ["tiny--lambada--fp16--b4", "tiny--lambada--4bit--b4",
+                   "tiny--synthetic_num_prompts=8_prompt_len=16_output_len=4--fp16--b2",
+                   "tiny--synthetic_num_prompts=8_prompt_len=16_output_len=4--fp16--b8",
+                   "tiny--synthetic_num_prompts=8_prompt_len=16_output_len=4--4bit--b2",
+                   "tiny--synthetic_num_prompts=8_prompt_len=16_output_len=4--4bit--b8"]
+    four = suite.runs[1]
+    assert four.variant.compress is Compression.BOTH and four.variant.memory == {"host": 2**31, "disk": 10**10}
+    assert four.model.path == str(folder.resolve()) and four.scenario.max_instances == 20
+    # stable: same file, same ids and keys; a capped reload changes the keys of capped runs only
+    again = load_suite(write(tmp_path, GOOD, model=folder))
+    assert [r.key for r in again.runs] == [r.key for r in suite.runs]
+    capped = load_suite(write(tmp_path, GOOD, model=folder), max_instances=5)
+    assert [r.id for r in capped.runs] == ids and capped.runs[0].key != suite.runs[0].key
+    assert capped.runs[0].scenario.max_instances == 5 and capped.runs[2].scenario.max_instances == 5
+
+
+def test_policy_fields_follow_the_variant(tmp_path, tiny_opt):
+    from harness.policies import resolve_policy
+
+    folder, _ = tiny_opt()
+    suite = load_suite(write(tmp_path, GOOD, model=folder))
+    resolved = resolve_policy(suite.runs[1])
+    p = resolved.policy
+    assert (p.gpu_batch_size, p.num_gpu_batches) == (2, 2) and p.block_size == 4
+    assert p.compress_weight.group_size == 32 and p.compress_cache.bits == 4
+    assert resolved.source == "explicit"
+    fp16 = resolve_policy(suite.runs[0])
+    assert fp16.source.startswith("auto") and fp16.policy.compress_weight is None
+    assert fp16.to_json()["policy"]["gpu_batch_size"] == 4
+
+
+@pytest.mark.parametrize("edit, line, match", [
+    (("    max_instances: 20", "    max_instances: 20\n    shots: 5"), 9, r"scenarios\[0\]\.shots: unknown key"),
+    (("    bits: 4", "    bits: four"), 17, r"variants\[1\]\.bits: must be an integer"),
+    (("    name: lambada", "    name: lambada\n    batch_sizes: [0]"), 8, r"batch_sizes: must be a list of positive"),
+    (("  - name: 4bit", "  - name: fp16"), 15, r"variants\[1\]\.name: duplicate name 'fp16' \(first at line 12\)"),
+    (("    compress: off", "    compress: half"), 13, r"compress: must be one of off, weights, cache, both"),
+    (("    compress: off", "    compress: off\n    bits: 4"), 14, r"bits: only applies with"),
+    (("{{num_gpu_batches: 2}}", "{{batch: 2}}"), 15, r"unknown policy fields"),
+    (("{{num_gpu_batches: 2}}", "{{num_gpu_batches: 3}}"), 15, r"not a multiple of the policy's num_gpu_batches"),
+    (("{{host: 2GiB", "{{ram: 2GiB"), 20, r"memory\.ram: unknown tier"),
+    (("suite: s1", "suite: s1\nextra: 1"), 2, r"extra: unknown key"),
+    (("suite: s1", "suite: my suite"), 1, r"suite: 'my suite' is not a name"),
+    (("run: lambada:method=greedy", "run: lambada:method=greedy,model=x"), 6, r"leave `model=` out"),
+])
+def test_malformed_suites_name_the_line_and_field(tmp_path, tiny_opt, edit, line, match):
+    folder, _ = tiny_opt()
+    text = GOOD.replace(*edit)
+    with pytest.raises(SuiteError, match=match) as info:
+        load_suite(write(tmp_path, text, model=folder))
+    assert f"suite.yaml:{line}: " in str(info.value)
+
+
+def test_missing_model_folder_and_several_errors_at_once(tmp_path):
+    text = GOOD.replace("    bits: 4", "    bits: x")
+    with pytest.raises(SuiteError) as info:
+        load_suite(write(tmp_path, text, model=tmp_path / "nowhere"))
+    message = str(info.value)
+    assert "suite.yaml:4: models[0].path: no checkpoint folder" in message
+    assert "suite.yaml:17: variants[1].bits" in message
+
+
+def test_not_yaml_and_missing_sections(tmp_path):
+    with pytest.raises(SuiteError, match=r"suite.yaml:2: not valid YAML"):
+        load_suite(write(tmp_path, "suite: a\nmodels: x: y\n"))
+    with pytest.raises(SuiteError, match=r"suite.yaml:1: suite: missing required key 'variants'") as info:
+        load_suite(write(tmp_path, "suite: a\nmodels: []\nscenarios: x\n"))
+    assert "models: must be a non-empty list" in str(info.value) and "suite.yaml:3: scenarios" in str(info.value)
+    with pytest.raises(SuiteError, match=r"key 'suite' appears twice"):
+        load_suite(write(tmp_path, "suite: a\nsuite: b\n"))
+
+
+def test_bad_scenario_is_rejected_with_its_line_before_any_run(tmp_path, tiny_opt, capsys):
+    from harness.cli import main
+
+    folder, _ = tiny_opt()
+    path = write(tmp_path, GOOD.replace("lambada:method=greedy", "lambada:method=guess"), model=folder)
+    results = tmp_path / "results"
+    assert main(["run", str(path), "--results", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert "suite.yaml:6: scenarios: 'lambada:method=guess'" in err
+    assert not (results / "s1").exists() or not any(p.name.startswith("tiny--") for p in (results / "s1").iterdir())
+
+
+def test_parse_bytes():
+    assert parse_bytes("16GiB") == 16 * 2**30 and parse_bytes("512 MB") == 512 * 10**6 and parse_bytes(7) == 7
+    assert parse_bytes("1.5GB") == 1_500_000_000 and parse_bytes("lots") is None and parse_bytes(True) is None
+
+
+@pytest.mark.parametrize("name, runs", [("quickstart", 12), ("overnight-opt", 28)])
+def test_shipped_suites_are_valid(name, runs, tmp_path, tiny_opt, monkeypatch):
+    """The shipped suites, pointed at a tiny model, pass every check, HELM's included."""
+    pytest.importorskip("helm")
+    from harness.runner import helm_run_specs
+    from harness.suite import find_suite
+
+    monkeypatch.setenv("NLTK_DATA", str(tmp_path / "nltk"))
+    folder, _ = tiny_opt()
+    text = re.sub(r"path: .*", f"path: {folder}", find_suite(name).read_text())
+    suite = load_suite(write(tmp_path, text.replace("{", "{{").replace("}", "}}")))
+    assert suite.name == name and len(suite.runs) == runs
+    assert len(helm_run_specs(suite)) == len(suite.scenarios)
