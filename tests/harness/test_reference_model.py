@@ -113,10 +113,11 @@ def _per_instance(run: dict, name: str) -> dict[str, float]:
     return out
 
 
-def _lambada_hf(hf, instance: dict):
+def _lambada_hf(hf, instance: dict, prefix: bool = True):
+    """Greedy hit and target log-likelihood. HELM's generation requests get the model's start token (`</s>`) as
+    `tokenizer(prompt)` adds it; its echo requests (likelihood) are scored as sent, without it."""
     tok, _, logprobs = hf
-    eos = tok.eos_token_id
-    context = [eos] + tok(instance["input"]["text"], add_special_tokens=False)["input_ids"]
+    context = [tok.eos_token_id] * prefix + tok(instance["input"]["text"], add_special_tokens=False)["input_ids"]
     target = tok(" " + instance["references"][0]["output"]["text"], add_special_tokens=False)["input_ids"]
     lp, hit = logprobs(context + target)
     return bool(hit[len(context) - 1:].all()), lp[len(context) - 1:].sum().item()
@@ -138,12 +139,34 @@ def test_lambada_target_loglik_equals_hf(helm_runs, hf):
     instances = _instances(run)
     assert len(ours) == len(instances) == 24
     for i, inst in instances.items():
-        assert ours[i] == pytest.approx(_lambada_hf(hf, inst)[1], rel=RTOL), i
+        assert ours[i] == pytest.approx(_lambada_hf(hf, inst, prefix=False)[1], rel=RTOL), i
 
 
-def test_wikitext_perplexities_equal_hf(helm_runs, hf):
+def test_wikitext_windows_equal_hf(helm_runs, hf):
+    """Every window HELM's language-modelling adapter sent, scored by HF on the same tokens: the scored
+    (non-conditioning) tokens' log-probs sum to the same value, and so do the run's totals."""
+    tok, config, logprobs = hf
+    states = helm_runs["wikitext"]["scenario_state"]["request_states"]
+    ours = theirs = 0.0
+    for state in states:
+        ids = tok(state["request"]["prompt"], add_special_tokens=False)["input_ids"]
+        ids = ids[:config.max_position_embeddings + 1]  # the backend's limit for echo requests
+        got = [t["logprob"] for t in state["result"]["completions"][0]["tokens"]]
+        assert len(got) == len(ids)
+        skip = state["num_conditioning_tokens"]
+        mine = sum(got[skip:])
+        hf_sum = logprobs(ids)[0][max(skip, 1) - 1:].sum().item()
+        assert mine == pytest.approx(hf_sum, rel=RTOL)
+        ours, theirs = ours + mine, theirs + hf_sum
+    assert ours == pytest.approx(theirs, rel=1e-5)
+
+
+def test_wikitext_perplexities_match_lm_eval(helm_runs, hf):
     """lm-evaluation-harness's rolling windows (`</s>` first, disjoint windows of the model's length, each
-    conditioned on the previous window's last token), on the articles helm-run sampled."""
+    conditioned on the previous window's last token), computed by HF on the articles helm-run sampled. HELM
+    hands windows over as text and drops the tokens of a window that re-encodes longer than its budget
+    (see `scenarios.wikitext`); with this model's small BPE that leaves ~0.1% of the tokens unscored, so the
+    definitions agree to 0.5% here (exactly, on GPT-2's tokenizer)."""
     tok, config, logprobs = hf
     window, eos = config.max_position_embeddings, tok.eos_token_id
     run = helm_runs["wikitext"]
@@ -158,6 +181,6 @@ def test_wikitext_perplexities_equal_hf(helm_runs, hf):
     words = sum(len(re.split(r"\s+", d)) for d in docs)
     nbytes = sum(len(d.encode("utf-8")) for d in docs)
     stats = run["stats"]
-    assert _stat(stats, "perplexity") == pytest.approx(math.exp(-loglik / tokens), rel=RTOL)
-    assert _stat(stats, "word_perplexity") == pytest.approx(math.exp(-loglik / words), rel=RTOL)
-    assert _stat(stats, "bits_per_byte") == pytest.approx(-loglik / nbytes / math.log(2), rel=RTOL)
+    assert _stat(stats, "perplexity") == pytest.approx(math.exp(-loglik / tokens), rel=5e-3)
+    assert _stat(stats, "word_perplexity") == pytest.approx(math.exp(-loglik / words), rel=5e-3)
+    assert _stat(stats, "bits_per_byte") == pytest.approx(-loglik / nbytes / math.log(2), rel=5e-3)
