@@ -20,6 +20,8 @@ def to_tree(obj):
     kind = type(obj)
     if kind in _SCALARS:
         return obj
+    if kind in (list, tuple) and obj and _is_token(first := type(obj[0])) and all(type(t) is first for t in obj):
+        return [{"text": t.text, "logprob": t.logprob} for t in obj]  # a run's ~1M tokens: no call per field
     names = _FIELDS.get(kind)
     if names is None and dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         names = _FIELDS[kind] = tuple(f.name for f in dataclasses.fields(obj))
@@ -35,6 +37,11 @@ def to_tree(obj):
     if isinstance(obj, dict):
         return {to_tree(k): to_tree(v) for k, v in obj.items()}
     return obj  # other leaves (enums are str subclasses in HELM) go to json as they are
+
+
+def _is_token(kind: type) -> bool:
+    """HELM's `Token` (two fields, never None), known without importing HELM."""
+    return kind.__name__ == "Token" and kind.__module__ == "helm.common.request"
 
 
 def dumps(tree, compact: bool = False) -> str:

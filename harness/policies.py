@@ -1,12 +1,15 @@
 """From a suite's runtime variant to the runtime `Policy` a run uses, and what `policy.json` records of it.
 
-`resolve_policy` is the one seam for `policy: auto`: today it returns the default Policy with the variant's
-compression and batch; the cost-model planner (runtime/, being built) plugs in at `_plan_auto` and
-returns its choice with the predicted throughput and memory per tier, which `policy.json` then records.
+`policy: auto` asks the cost-model planner (`harness.auto_policy`, the LP of `runtime.policy_search`) for the
+placement of the run's batch and compression within the variant's memory limits; `policy.json` records its
+choice, the prediction (throughput, memory per tier) and the seconds planning took, which count as time in
+the runtime (benchmark W5). The runner keeps a run's first plan for its reruns (`ResolvedPolicy.from_json`):
+the plan depends on the RAM free at the time, and a changed policy would make the request cache miss.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from runtime.errors import PolicyError
@@ -21,13 +24,21 @@ class ResolvedPolicy:
     requested: str | dict
     """What the suite asked for: `auto` or explicit Policy fields."""
     source: str
-    """How `policy` was chosen (`explicit`, `auto: default policy (planner not available)`, `auto: planner`)."""
+    """How `policy` was chosen (`explicit`, `auto: planner`, or `auto: default placement ...` under a fixed default)."""
     prediction: dict | None = None
     """The planner's prediction (throughput, memory per tier), when a planner chose the policy."""
+    plan_s: float = 0.0
+    """Seconds the planner took (0 when reused or explicit)."""
 
     def to_json(self) -> dict:
         return {"policy": self.policy.to_json(), "requested": self.requested, "source": self.source,
                 "prediction": self.prediction}
+
+    @classmethod
+    def from_json(cls, data: dict) -> ResolvedPolicy:
+        from runtime.policy import Policy
+
+        return cls(Policy.from_json(data["policy"]), data["requested"], data["source"], data.get("prediction"))
 
 
 def policy_fields(variant, batch_size: int | None) -> dict:
@@ -70,9 +81,34 @@ def resolve_policy(run) -> ResolvedPolicy:
 
 
 def _plan_auto(run, fields: dict) -> ResolvedPolicy:
-    """`policy: auto`. The seam for the planner: given the model folder, the batch, the compression and the
-    variant's memory limits (`run.variant.memory`, bytes per tier), choose placement and return its prediction.
-    Until it lands: the default placement (everything in device memory, which on a CPU host is RAM)."""
+    """`policy: auto`: the planner picks placement, weight format and the shape of the run's block (the batch
+    stays the run's) within `run.variant.memory`. HELM's requests are not known up front: it provisions
+    the backend's longest request (`auto_policy.plan_for_helm`'s workload). `$FLEXHELM_DEFAULT_POLICY`
+    other than `auto` (the test suite's `{}`) keeps the default placement instead."""
+    from harness import auto_policy
     from runtime.policy import Policy
 
-    return ResolvedPolicy(Policy.from_json(fields), "auto", "auto: default policy (planner not available yet)")
+    base = Policy.from_json(fields)
+    if auto_policy.default_policy_text() != auto_policy.AUTO:
+        return ResolvedPolicy(base, "auto", "auto: default placement ($FLEXHELM_DEFAULT_POLICY)")
+    started = time.perf_counter()
+    spec = auto_policy.model_spec(run.model.path)
+    gen = min(auto_policy.HELM_GEN_LEN, spec.max_positions // 2)
+    plans, error = [], None
+    for g in [g for g in range(1, base.block_size + 1) if base.block_size % g == 0]:  # the batch is the run's
+        try:
+            plans.append(auto_policy.plan(
+                run.model.path, spec.max_positions - gen, gen, num_seqs=base.block_size, base=base,
+                limits=auto_policy.Limits(**run.variant.memory), batch_sizes=[g],
+                num_batches=[base.block_size // g], compress=[(base.compress_weight, base.compress_cache)]))
+        except PolicyError as e:  # this shape does not fit: another may
+            error = e
+    if not plans:
+        raise error
+    plan = max(plans, key=lambda p: p.prediction.throughput)
+    policy = plan.policy
+    pred = plan.prediction
+    prediction = {"throughput": pred.throughput, "prefill_s": pred.prefill_s, "decode_s": pred.decode_s,
+                  "memory": pred.memory, "bottleneck": pred.bottleneck, "binding": plan.binding,
+                  "workload": {"prompt_len": spec.max_positions - gen, "gen_len": gen, "num_seqs": base.block_size}}
+    return ResolvedPolicy(policy, "auto", "auto: planner", prediction, time.perf_counter() - started)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from harness import atomic, helm_json
 from harness.executor import ExecutionJob, Executor, LocalExecutor
-from harness.policies import resolve_policy
+from harness.policies import ResolvedPolicy, resolve_policy
 from harness.progress import SuiteProgress
 from harness.request_cache import RequestCache, model_identity
 from harness.suite import PROJECT_ROOT, RunSpec, Suite, SuiteError
@@ -141,8 +141,8 @@ class SuiteRunner:
 
         started = time.perf_counter()
         run_dir, services = self.run_dir(run), self._services
-        # Choose the policy
-        resolved = resolve_policy(run)
+        # Choose the policy (a rerun keeps the first attempt's plan)
+        resolved = self._resolve(run, run_dir)
 
         # Load the scenario's instances and adapt them into requests (HELM's adapter)
         scenario, states = self._adapt(helm_spec)
@@ -179,18 +179,30 @@ class SuiteRunner:
             atomic.write_text(run_dir / name, helm_json.dumps(helm_json.to_tree(value), compact))
         ours = {
             "flexhelm_run.json": {**run.to_json(), "key": run.key},
-            "policy.json": resolved.to_json(),
+            "policy.json": {**resolved.to_json(), "run_key": run.key},
             "env.json": self._env,
             "runtime.json": runtime_summary(cache.calls_for(set(report.keys)), len(states), eval_instances),
         }
         for name, data in ours.items():
             atomic.write_json(run_dir / name, data)
-        runtime_s = report.load_s + report.engine_s
+        runtime_s = resolved.plan_s + report.load_s + report.engine_s
         logging.getLogger("flexhelm").info(f"{len(states)} requests, {runtime_s:.2f} s in the runtime")
         # harness_s: this invocation's time outside the runtime (adapt, metrics, writes; a resumed run's share)
         atomic.write_json(run_dir / DONE, {"key": run.key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                            "harness_s": time.perf_counter() - started - runtime_s})
         return runtime_s
+
+    @staticmethod
+    def _resolve(run: RunSpec, run_dir: Path) -> ResolvedPolicy:
+        """`resolve_policy(run)`, or the policy an earlier attempt of this run recorded: an `auto` plan depends
+        on the RAM free at the time, and another policy would miss the request cache of finished batches."""
+        saved = _read_json(run_dir / "policy.json")
+        if saved.get("run_key") == run.key:
+            return ResolvedPolicy.from_json(saved)
+        resolved = resolve_policy(run)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(run_dir / "policy.json", {**resolved.to_json(), "run_key": run.key})
+        return resolved
 
     def _adapt(self, helm_spec) -> tuple:
         """(scenario, request states) of `helm_spec`. Adapting is deterministic and the same for every variant

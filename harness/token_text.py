@@ -13,6 +13,7 @@ back to incremental decoding (each token's text is what decoding it added to the
 from __future__ import annotations
 
 import codecs
+import itertools
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -43,6 +44,8 @@ class TokenTexts:
         self.tokenizer = tokenizer
         self.byte_level = _is_byte_level(tokenizer)
         self._bytes: dict[int, bytes] = {}
+        self._whole: dict[int, str] = {}
+        """Text of each byte-level token that is whole UTF-8 on its own (most are): rendered without a decoder."""
         self._stop_ids: dict[str, list[list[int]]] = {}
         if self.byte_level:
             self._byte_of = {c: b for b, c in _bytes_to_unicode().items()}
@@ -77,6 +80,18 @@ class TokenTexts:
         return [self.token_bytes(i) for i in range(n)]
 
     def _render_bytes(self, ids: list[int]) -> Rendered:
+        whole = self._whole
+        texts = [whole.get(t) for t in ids]
+        if None not in texts:  # every token whole: its text is its piece (the usual case, ~10x faster)
+            return Rendered(texts, list(itertools.accumulate(map(len, texts))), "".join(texts))
+        for t, text in zip(ids, texts):
+            if text is None:
+                try:
+                    whole[t] = self.token_bytes(t).decode("utf-8")
+                except UnicodeDecodeError:
+                    pass
+        if None not in (texts := [whole.get(t) for t in ids]):
+            return Rendered(texts, list(itertools.accumulate(map(len, texts))), "".join(texts))
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         texts, ends, parts, n = [], [], [], 0
         for t in ids:

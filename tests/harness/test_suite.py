@@ -144,3 +144,25 @@ def test_shipped_suites_are_valid(name, runs, tmp_path, tiny_opt, monkeypatch):
     suite = load_suite(write(tmp_path, text.replace("{", "{{").replace("}", "}}")))
     assert suite.name == name and len(suite.runs) == runs
     assert len(helm_run_specs(suite)) == len(suite.scenarios)
+
+
+def test_auto_policy_plans_within_the_variants_memory_limits(tmp_path, tiny_opt, monkeypatch):
+    """`policy: auto` goes to the planner, which keeps RAM within `memory:` by putting weights on disk."""
+    from harness.policies import ResolvedPolicy, resolve_policy
+    from tests.runtime.cost_fixtures import cpu_hardware
+
+    folder, model = tiny_opt()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    hw = cpu_hardware(base_mem=2**20)
+    monkeypatch.setenv("FLEXHELM_HARDWARE", str(hw.save(tmp_path / "cpu.json")))
+    monkeypatch.setenv("FLEXHELM_DEFAULT_POLICY", "auto")
+    ram = hw.base_mem + weight_bytes * 2  # the weights, the batch's cache and buffers do not all fit
+    text = GOOD.replace("    memory: {{host: 2GiB, disk: 10 GB}}\n", "").replace(
+        "policy: {{num_gpu_batches: 2}}", "policy: auto").replace(
+        "    compress: off\n", f"    compress: off\n    memory: {{{{device: {ram}}}}}\n")
+    suite = load_suite(write(tmp_path, text, model=folder))
+    limited, free = resolve_policy(suite.runs[0]), resolve_policy(suite.runs[1])
+    assert free.source == limited.source == "auto: planner" and free.policy.weights.disk == 0.0
+    assert limited.policy.weights.disk > 0.0 and limited.prediction["memory"]["device"] <= ram
+    assert limited.policy.block_size == free.policy.block_size == 4 and free.policy.compress_weight.bits == 4
+    assert ResolvedPolicy.from_json(limited.to_json()).policy == limited.policy
