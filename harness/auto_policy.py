@@ -110,11 +110,11 @@ def _meminfo(field: str) -> int | None:
 
 def model_spec(model_dir: str | os.PathLike):
     """The ModelSpec from a checkpoint's config.json alone (no weights needed: plan for any size)."""
-    from runtime.checkpoint import read_config
-    from runtime.families import get_family
+    from runtime.families import spec_from_config
+    from runtime.spec import read_config
 
     config = read_config(Path(model_dir).expanduser())
-    return get_family(config.get("model_type")).spec_from_config(config)
+    return spec_from_config(config)
 
 
 def plan(model_dir, prompt_len: int, gen_len: int, num_seqs: int | None = None, base=None,

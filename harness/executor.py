@@ -3,7 +3,8 @@
 The runner hands an executor an `ExecutionJob` (what to load: model folder, policy, batch size) rather than a
 loaded backend, so that an executor may run batches elsewhere (a Ray cluster is next) and load the model
 there. `LocalExecutor` runs them in this process. Either way, each batch's results go into the run's
-`RequestCache` before the next batch starts, and requests whose results are cached are never sent again.
+`RequestCache` as it finishes (on disk when `execute` returns), and requests whose results are cached are
+never sent again.
 """
 
 from __future__ import annotations
@@ -71,26 +72,29 @@ class LocalExecutor:
         report = ExecutionReport(keys)
         states = list(states)
         backend = None
-        for start in range(0, len(states), job.batch_size):
-            part = range(start, min(start + job.batch_size, len(states)))
-            results = {i: cache.get(keys[i]) for i in part}
-            todo = [i for i in part if results[i] is None]
-            calls: list[dict] = []
-            if todo:
-                if backend is None:
-                    t0 = time.perf_counter()
-                    backend = self._backend(job)
-                    report.load_s += time.perf_counter() - t0
-                out = backend.process_batch([states[i].request for i in todo])
-                calls = [c.to_json() for c in out.calls]
-                report.engine_s += sum(c["wall_s"] for c in calls)
-                results.update(zip(todo, out.results))
-                # failures are not cached: a rerun retries them (HELM's rule below then stops this run)
-                cache.add_batch([(keys[i], results[i]) for i in todo if results[i].success], calls)
-            for i in part:
-                states[i] = _with_result(states[i], results[i])
-            on_batch(BatchDone(len(part), sum(c["prompt_tokens"] for c in calls),
-                               sum(c["generated_tokens"] for c in calls), cached=not todo))
+        try:
+            for start in range(0, len(states), job.batch_size):
+                part = range(start, min(start + job.batch_size, len(states)))
+                results = {i: cache.get(keys[i]) for i in part}
+                todo = [i for i in part if results[i] is None]
+                calls: list[dict] = []
+                if todo:
+                    if backend is None:
+                        t0 = time.perf_counter()
+                        backend = self._backend(job)
+                        report.load_s += time.perf_counter() - t0
+                    out = backend.process_batch([states[i].request for i in todo])
+                    calls = [c.to_json() for c in out.calls]
+                    report.engine_s += sum(c["wall_s"] for c in calls)
+                    results.update(zip(todo, out.results))
+                    # failures are not cached: a rerun retries them (HELM's rule below then stops this run)
+                    cache.add_batch([(keys[i], results[i]) for i in todo if results[i].success], calls)
+                for i in part:
+                    states[i] = _with_result(states[i], results[i])
+                on_batch(BatchDone(len(part), sum(c["prompt_tokens"] for c in calls),
+                                   sum(c["generated_tokens"] for c in calls), cached=not todo))
+        finally:
+            cache.flush()  # finished batches are on disk before the run goes on (or the error goes up)
         return states, report
 
     def _backend(self, job: ExecutionJob):

@@ -153,11 +153,9 @@ def register_model(name: str, folder: str | os.PathLike, policy: str | None = No
 
 
 def _model_spec(folder: Path):
-    from runtime.checkpoint import read_config
-    from runtime.families import get_family
+    from harness.auto_policy import model_spec
 
-    config = read_config(folder)
-    return get_family(config.get("model_type")).spec_from_config(config)
+    return model_spec(folder)
 
 
 def _special_tokens(folder: Path) -> tuple[str | None, str | None]:

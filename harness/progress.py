@@ -41,10 +41,14 @@ class SuiteProgress:
         self.run_bar.set_postfix_str(f"inst {finished}/{self._instances[1]}, "
                                      f"{self._tokens / elapsed if elapsed > 0 else 0:.0f} tok/s", refresh=False)
 
-    def end_run(self, line: str) -> None:
+    def executed(self) -> None:
+        """The run's requests are done (its metrics and files may still be in progress)."""
         if self.run_bar is not None:
             self.run_bar.close()
             self.run_bar = None
+
+    def end_run(self, line: str) -> None:
+        self.executed()
         self.suite_bar.update(1)
         self.write(line)
 

@@ -2,8 +2,11 @@
 
 One append-only JSON Lines file per run; each line is one finished batch:
 `{"calls": [EngineCall json, ...], "results": {key: RequestResult json, ...}}`, written in one `write` and
-fsync'ed before the runner moves on, so a line is either whole or the torn tail of a crash. A torn tail is
-cut off when the file is reopened (appending after it would glue the next batch to garbage).
+fsync'ed, so a line is either whole or the torn tail of a crash. A torn tail is cut off when the file is
+reopened (appending after it would glue the next batch to garbage). Lines are serialised and written by a
+writer thread while the runtime computes the next batch (benchmark W5): a kill loses at most the batches
+still queued there (usually none, at most the one being written); `flush` waits for them and raises what
+the writer met (a full disk), and the runner flushes before it writes a run's files.
 
 A result's key hashes the model's identity (folder, config, weight files' sizes and times), the runtime
 policy (the variant, batch included) and the HELM request itself, so a cache can never answer a request
@@ -16,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from harness.helm_json import result_from_json, to_tree
@@ -46,6 +50,10 @@ class RequestCache:
         """Key -> `RequestResult` as JSON."""
         self.batches: list[tuple[frozenset[str], list[dict]]] = []
         """Each finished batch: its keys and engine calls (timings and memory of what produced the results)."""
+        self._fresh: dict[str, object] = {}
+        """Key -> `RequestResult` added by this process (its JSON may still be in the writer's queue)."""
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: list[Future] = []
         self._load()
 
     def _load(self) -> None:
@@ -66,11 +74,40 @@ class RequestCache:
 
     def get(self, key: str):
         """The cached `RequestResult` for `key`, or None."""
+        if key in self._fresh:
+            return self._fresh[key]
         found = self.results.get(key)
         return None if found is None else result_from_json(found)
 
     def add_batch(self, keyed_results: list[tuple[str, object]], calls: list[dict]) -> None:
-        """Record a finished batch durably (returns after fsync)."""
+        """Record a finished batch; durable once the writer has fsync'ed it (`flush` waits for that)."""
+        self._raise_failed()
+        self._fresh.update(keyed_results)
+        self.batches.append((frozenset(k for k, _ in keyed_results), calls))
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="flexhelm-cache")
+        self._writes.append(self._writer.submit(self._write, list(keyed_results), calls))
+
+    def flush(self) -> None:
+        """Wait until every added batch is on disk; raises the writer's error (e.g. a full disk)."""
+        writes, self._writes = self._writes, []
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        for f in writes:
+            f.result()
+
+    def _raise_failed(self) -> None:
+        """A write that failed stops the run at the next batch rather than at its end."""
+        pending = []
+        for f in self._writes:
+            if f.done():
+                f.result()
+            else:
+                pending.append(f)
+        self._writes = pending
+
+    def _write(self, keyed_results: list[tuple[str, object]], calls: list[dict]) -> None:
         record = {"calls": calls, "results": {k: to_tree(r) for k, r in keyed_results}}
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +119,6 @@ class RequestCache:
             os.fsync(fd)
         finally:
             os.close(fd)
-        self._remember(record)
 
     def _remember(self, record: dict) -> None:
         self.results.update(record["results"])

@@ -8,6 +8,10 @@ resumable after kill -9 at any moment:
   a rerun adapts again (cheap, deterministic) and sends only the requests the cache cannot answer;
 - every output file is written whole or not at all (`harness.atomic`).
 
+A run's metrics and files are computed in a background thread while the next run's requests run in the
+runtime (whose torch kernels release the GIL): on the quickstart that hides most of the harness's time
+(benchmark W5). A crash waits for those writes; a run is finished only when its `done.json` is written.
+
 Besides HELM's files (run_spec.json, scenario.json, scenario_state.json, stats.json, per_instance_stats.json,
 readable by helm-summarize) a run folder holds `policy.json` (the policy used and how it was chosen),
 `env.json` (versions, git commit, machine), `runtime.json` (engine time, tokens, peak memory per tier),
@@ -20,8 +24,11 @@ import contextlib
 import io
 import logging
 import os
+import threading
 import time
 import traceback
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -87,6 +94,7 @@ class SuiteRunner:
         self.executor = executor or LocalExecutor()
         self.progress_enabled = progress
         self._last_adapted: tuple = (None, None)
+        self._prefetched: dict[str, Future] = {}
 
     def suite_dir(self, suite: Suite) -> Path:
         return self.results_dir / suite.name
@@ -98,16 +106,34 @@ class SuiteRunner:
 
         self._services = _HelmServices(self.suite_dir(suite) / HELM_DIR)
         self._env = env_info.collect(PROJECT_ROOT)
+        _import_helm_classes(helm_specs.values())
         progress = SuiteProgress(len(suite.runs), self.progress_enabled)
-        outcomes = []
+        pending: list[Future] = []
         try:
-            for run in suite.runs:
-                outcome = self._guarded(run, helm_specs[(run.model.name, run.scenario.name)], progress)
-                outcomes.append(outcome)
-                progress.end_run(_summary(outcome))
+            # one finisher: runs finish in order, each while the next one computes; it also adapts the next
+            # scenario ahead of time (HELM's tokenization)
+            with _RunLog.quiet(), ThreadPoolExecutor(1, thread_name_prefix="flexhelm-finish") as finisher:
+                for i, run in enumerate(suite.runs):
+                    for ahead in suite.runs[i:i + 2] if i == 0 else suite.runs[i + 1:i + 2]:
+                        if not self.is_finished(ahead):  # the first while the first run plans, then the next
+                            self._prefetch(helm_specs[(ahead.model.name, ahead.scenario.name)], ahead.id, finisher)
+                    pending.append(self._guarded(run, helm_specs[(run.model.name, run.scenario.name)], progress,
+                                                 finisher))
+                    self._report(pending, progress, wait=False)
+                self._report(pending, progress, wait=True)
         finally:
             progress.close()
-        return outcomes
+        return [f.result() for f in pending]
+
+    @staticmethod
+    def _report(pending: list[Future], progress: SuiteProgress, wait: bool) -> None:
+        """Summary lines of the runs finished since the last call, in suite order (main thread only)."""
+        for f in pending:
+            if not (wait or f.done()):
+                return
+            if not getattr(f, "reported", False):
+                progress.end_run(_summary(f.result()))
+                f.reported = True
 
     def run_dir(self, run: RunSpec) -> Path:
         return self.results_dir / run.suite / run.id
@@ -116,37 +142,44 @@ class SuiteRunner:
         done = self.run_dir(run) / DONE
         return done.is_file() and _read_json(done).get("key") == run.key
 
-    def _guarded(self, run: RunSpec, helm_spec, progress: SuiteProgress) -> RunOutcome:
+    def _guarded(self, run: RunSpec, helm_spec, progress: SuiteProgress, finisher: ThreadPoolExecutor) -> Future:
+        """The run's outcome: its requests computed now, its metrics and files on `finisher`."""
         if self.is_finished(run):
-            return RunOutcome(run.id, "skipped")
+            return _resolved(RunOutcome(run.id, "skipped"))
         run_dir = self.run_dir(run)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / DONE).unlink(missing_ok=True)  # a stale marker from an edited entry must not survive a crash
-        log = _RunLog(run_dir / "run.log")
+        log = _RunLog(run_dir / "run.log", run.id)
         started = time.perf_counter()
-        try:
-            runtime_s = self.run_one(run, helm_spec, progress)
-        except Exception as e:  # one broken run must not cost the night: log it, go on with the next
-            logging.getLogger("helm").error(traceback.format_exc())
-            return RunOutcome(run.id, "failed", time.perf_counter() - started, error=f"{type(e).__name__}: {e}")
-        finally:
+
+        def guarded(step: Callable[[], object], last: bool) -> object:
+            _RunLog.current.run = run.id
+            try:
+                return step()
+            except Exception as e:  # one broken run must not cost the night: log it, go on with the next
+                logging.getLogger("helm").error(traceback.format_exc())
+                return RunOutcome(run.id, "failed", time.perf_counter() - started, error=f"{type(e).__name__}: {e}")
+            finally:
+                if last:
+                    log.close()
+
+        finish = guarded(lambda: self.run_one(run, helm_spec, progress), last=False)
+        if isinstance(finish, RunOutcome):
             log.close()
-        return RunOutcome(run.id, "done", time.perf_counter() - started, runtime_s)
+            return _resolved(finish)
+        done = lambda: RunOutcome(run.id, "done", time.perf_counter() - started, finish())  # noqa: E731
+        return finisher.submit(guarded, done, True)
 
-    def run_one(self, run: RunSpec, helm_spec, progress: SuiteProgress) -> float:
-        """Run `run` (HELM RunSpec `helm_spec`) and write its folder; returns seconds spent in the runtime."""
-        from helm.benchmark.adaptation.scenario_state import ScenarioState
-        from helm.benchmark.metrics.metric import create_metric
-        from helm.benchmark.runner import remove_per_instance_stats_nans, remove_stats_nans
-
+    def run_one(self, run: RunSpec, helm_spec, progress: SuiteProgress) -> Callable[[], float]:
+        """Compute the requests of `run` (HELM RunSpec `helm_spec`); returns what finishes it: metrics, the
+        run folder's files, then `done.json`; that returns the seconds the run spent in the runtime."""
         started = time.perf_counter()
-        run_dir, services = self.run_dir(run), self._services
+        run_dir = self.run_dir(run)
         # Choose the policy (a rerun keeps the first attempt's plan)
         resolved = self._resolve(run, run_dir)
 
         # Load the scenario's instances and adapt them into requests (HELM's adapter)
         scenario, states = self._adapt(helm_spec)
-        adapter_spec = helm_spec.adapter_spec
         eval_instances = len({s.instance.id for s in states})
 
         # Execute in batches on the runtime (batches finished before a crash come from the request cache)
@@ -154,6 +187,16 @@ class SuiteRunner:
         cache = RequestCache(run_dir / "requests.jsonl")
         progress.start_run(run.id, len(states), eval_instances)
         states, report = self.executor.execute(job, states, cache, progress.batch_done)
+        progress.executed()
+        return lambda: self._finish(run, helm_spec, scenario, states, resolved, report, cache, started)
+
+    def _finish(self, run: RunSpec, helm_spec, scenario, states, resolved, report, cache, started) -> float:
+        from helm.benchmark.adaptation.scenario_state import ScenarioState
+        from helm.benchmark.metrics.metric import create_metric
+        from helm.benchmark.runner import remove_per_instance_stats_nans, remove_stats_nans
+
+        run_dir, services, adapter_spec = self.run_dir(run), self._services, helm_spec.adapter_spec
+        eval_instances = len({s.instance.id for s in states})
         scenario_state = ScenarioState(adapter_spec=adapter_spec, request_states=states,
                                        annotator_specs=helm_spec.annotators)
         if helm_spec.annotators:
@@ -207,6 +250,22 @@ class SuiteRunner:
     def _adapt(self, helm_spec) -> tuple:
         """(scenario, request states) of `helm_spec`. Adapting is deterministic and the same for every variant
         and batch size of a model x scenario, which the suite runs one after another: the last one is reused."""
+        key = _spec_key(helm_spec)
+        if self._last_adapted[0] != key:
+            ahead = self._prefetched.pop(key, None)
+            self._last_adapted = (key, ahead.result() if ahead is not None else self._adapt_now(helm_spec))
+        return self._last_adapted[1]
+
+    def _prefetch(self, helm_spec, run_id: str, finisher: ThreadPoolExecutor) -> None:
+        key = _spec_key(helm_spec)
+        if key != self._last_adapted[0] and key not in self._prefetched:
+            def adapt():
+                _RunLog.current.run = run_id
+                return self._adapt_now(helm_spec)
+
+            self._prefetched[key] = finisher.submit(adapt)
+
+    def _adapt_now(self, helm_spec) -> tuple:
         from helm.benchmark.adaptation.adapters.adapter_factory import AdapterFactory
         from helm.benchmark.data_preprocessor import DataPreprocessor
         from helm.benchmark.runner import downsample_eval_instances
@@ -217,9 +276,6 @@ class SuiteRunner:
             with_instance_ids,
         )
 
-        key = helm_json.dumps(helm_json.to_tree(helm_spec), compact=True)
-        if self._last_adapted[0] == key:
-            return self._last_adapted[1]
         scenario = create_scenario(helm_spec.scenario_spec)
         instances = scenario.get_instances(get_scenario_cache_path(str(self._services.base), scenario.name))
         if any(i.id is None for i in instances):
@@ -230,7 +286,6 @@ class SuiteRunner:
                                                   adapter_spec.eval_splits or EVAL_SPLITS)
         instances = DataPreprocessor(helm_spec.data_augmenter_spec).preprocess(instances, 1)
         states = AdapterFactory.get_adapter(adapter_spec, self._services.tokenizer_service).adapt(instances, 1)
-        self._last_adapted = (key, (scenario, states))
         return scenario, states
 
 
@@ -271,28 +326,64 @@ class _HelmServices:
 
 
 class _RunLog:
-    """HELM's log (logger `helm`) and flexhelm's into the run folder's `run.log` while the run lasts."""
+    """HELM's log (logger `helm`) and flexhelm's into the run folder's `run.log` while the run lasts. Two runs
+    overlap (one computes, the previous one finishes): a record goes to the run its thread works on."""
 
     NAMES = ("helm", "flexhelm")
+    current = threading.local()
+    """`.run`: the id of the run this thread works on."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, run_id: str) -> None:
         self.handler = logging.FileHandler(path)
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        self.levels = {}
+        self.handler.addFilter(lambda record: getattr(self.current, "run", None) == run_id)
         for name in self.NAMES:
-            logger = logging.getLogger(name)
-            self.levels[name] = (logger.level, logger.propagate)
-            logger.setLevel(logging.INFO)
-            logger.propagate = False  # HELM's chatter belongs in the file, not between the progress bars
-            logger.addHandler(self.handler)
+            logging.getLogger(name).addHandler(self.handler)
 
     def close(self) -> None:
         for name in self.NAMES:
-            logger = logging.getLogger(name)
-            logger.removeHandler(self.handler)
-            logger.setLevel(self.levels[name][0])
-            logger.propagate = self.levels[name][1]
+            logging.getLogger(name).removeHandler(self.handler)
         self.handler.close()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def quiet():
+        """For a suite: HELM's chatter belongs in the run logs, not between the progress bars."""
+        saved = {}
+        for name in _RunLog.NAMES:
+            logger = logging.getLogger(name)
+            saved[name] = (logger.level, logger.propagate)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+        try:
+            yield
+        finally:
+            for name, (level, propagate) in saved.items():
+                logging.getLogger(name).setLevel(level)
+                logging.getLogger(name).propagate = propagate
+
+
+def _import_helm_classes(helm_specs) -> None:
+    """Import the scenario, adapter and metric classes here, in the main thread: the finisher thread adapts and
+    computes metrics, and some of HELM's modules install signal handlers when imported (main thread only)."""
+    import importlib
+
+    import helm.benchmark.adaptation.adapters.adapter_factory  # noqa: F401  (every adapter)
+    import helm.benchmark.metrics.metric  # noqa: F401
+
+    for spec in helm_specs:
+        for class_name in [spec.scenario_spec.class_name, *(m.class_name for m in spec.metric_specs)]:
+            importlib.import_module(class_name.rsplit(".", 1)[0])
+
+
+def _spec_key(helm_spec) -> str:
+    return helm_json.dumps(helm_json.to_tree(helm_spec), compact=True)
+
+
+def _resolved(outcome: RunOutcome) -> Future:
+    f: Future = Future()
+    f.set_result(outcome)
+    return f
 
 
 def _summary(o: RunOutcome) -> str:

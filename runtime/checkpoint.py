@@ -18,7 +18,7 @@ import torch
 from runtime.disk import Region
 from runtime.errors import CheckpointError
 from runtime.families import get_family
-from runtime.spec import ModelSpec
+from runtime.spec import ModelSpec, read_config  # noqa: F401  (read_config: re-exported)
 
 _SAFE_INDEX, _SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
 _BIN_INDEX, _BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
@@ -26,20 +26,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.m
 _SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                 "BOOL": torch.bool}
-
-
-def read_config(path: Path) -> dict:
-    cfg = path / "config.json"
-    if not path.is_dir():
-        raise CheckpointError(f"model folder {path} does not exist; pass --model a local folder "
-                              "holding config.json, weights and tokenizer files")
-    if not cfg.is_file():
-        raise CheckpointError(f"{cfg} is missing: a model folder needs the config.json that "
-                              "save_pretrained writes beside the weights")
-    try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg} is not valid JSON ({e}); restore it from the original checkpoint") from None
 
 
 def _safetensors_header(file: Path) -> dict:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from runtime.errors import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -85,3 +89,18 @@ class ModelSpec:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def read_config(path: Path) -> dict:
+    """A checkpoint folder's config.json (no torch needed: planning and HELM registration read it too)."""
+    cfg = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"model folder {path} does not exist; pass --model a local folder "
+                              "holding config.json, weights and tokenizer files")
+    if not cfg.is_file():
+        raise CheckpointError(f"{cfg} is missing: a model folder needs the config.json that "
+                              "save_pretrained writes beside the weights")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg} is not valid JSON ({e}); restore it from the original checkpoint") from None

@@ -121,12 +121,38 @@ def test_torn_cache_line_is_dropped(tmp_path):
     cache = RequestCache(tmp_path / "requests.jsonl")
     ok = RequestResult(success=True, embedding=[], completions=[], cached=False)
     cache.add_batch([("a", ok)], [{"wall_s": 1.0}])
+    assert cache.get("a") is ok  # answered at once; on disk after flush
+    cache.flush()
     with open(tmp_path / "requests.jsonl", "ab") as f:
         f.write(b'{"calls": [], "results": {"b": {"succ')  # killed mid-write
     reopened = RequestCache(tmp_path / "requests.jsonl")
     assert reopened.get("a") == ok and reopened.get("b") is None
     reopened.add_batch([("c", ok)], [])
+    reopened.flush()
     assert set(RequestCache(tmp_path / "requests.jsonl").results) == {"a", "c"}
+
+
+def test_cache_write_errors_reach_the_run(tmp_path, monkeypatch):
+    """A full disk in the cache's writer thread stops the run at the next batch (or at flush), named."""
+    import errno
+    import os
+
+    from helm.common.request import RequestResult
+
+    ok = RequestResult(success=True, embedding=[], completions=[], cached=False)
+    cache = RequestCache(tmp_path / "requests.jsonl")
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    cache.add_batch([("a", ok)], [])
+    with pytest.raises(OSError, match="No space left"):
+        cache.flush()
+    cache.add_batch([("b", ok)], [])
+    cache._writes[0].exception()  # wait for the failed write: the next batch reports it
+    with pytest.raises(OSError, match="No space left"):
+        cache.add_batch([("c", ok)], [])
 
 
 def test_failed_run_is_reported_and_others_go_on(suite_file, tmp_path):
