@@ -292,8 +292,8 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
         staging = {"device": working, "host": 0.0}
         converts = not kernel and (qw is not None or (offload_w and ckpt_bytes != cdt_bytes) or acc
                                   or policy.weight_format == WeightFormat.CHECKPOINT)
-        if converts:  # one layer's matrices in the compute dtype, reused across layers
-            staging["device"] += z.matrix_params * cdt_bytes
+        if converts:  # one layer's matrices in the compute dtype, reused across layers, and the head's own
+            staging["device"] += z.matrix_params * cdt_bytes + V * model.embed_dim * cdt_bytes  # (other shape)
         if offload_w:  # two staging slots of a layer's disk weights (runtime.weights: depth + 1)
             staging[ram] += 2 * w_io
         if offload_c:  # the staging ring: two (2, S, micro-batch, kvH, D) buffers

@@ -98,7 +98,10 @@ class BlockRunner:
 
     def _alloc(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         free = self._pool.get((tuple(shape), dtype, device))
-        return free.pop() if free else torch.empty(shape, dtype=dtype, device=device)
+        if free:
+            return free.pop()
+        self._pool.clear()  # a new shape: caches of other shapes would only hold memory the plan did not count
+        return torch.empty(shape, dtype=dtype, device=device)
 
     def forward(self, xs: list[torch.Tensor], contexts: list[StepContext], caches, stop: int | None = None):
         acts = Activations(xs, self.policy.activations, self.device, self.io, self.offload, self.ring)

@@ -14,23 +14,15 @@ baseline of the same tokenizer. The defaults reproduce the shipped `models/flexh
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import random
-import re
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "scenarios" / "data"
-TRAIN_FILES = {"lambada_dev": DATA / "lambada" / "lambada_development_plain_text.txt",
-               "wikitext2_valid": DATA / "wikitext-2-raw" / "wiki.valid.raw"}
-TEST_FILES = {"wikitext2_test": DATA / "wikitext-2-raw" / "wiki.test.raw",
-              "lambada_test": DATA / "lambada" / "lambada_test.jsonl"}
-SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids: <s>=0, <pad>=1, </s>=2 (bos and eos), <unk>=3
-PAD, EOS = 1, 2
+from reference_data import DATA, EOS, PAD, ROOT, SPECIALS, TEST_FILES, TRAIN_FILES, sha256, training_documents
+from reference_eval import evaluate, write_card
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,55 +46,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-frac", type=float, default=0.02, help="documents held out to monitor overfitting")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--stage2-steps", type=int, default=0, help="last-word fine-tuning steps after stage 1 (0: none)")
+    p.add_argument("--stage2-lr", type=float, default=5e-4)
+    p.add_argument("--stage2-batch", type=int, default=16, help="last-word examples per step (plus 2 LM chunks)")
+    p.add_argument("--stage2-target-weight", type=float, default=2.0, help="extra loss weight of the last word")
+    p.add_argument("--stage2-only", action="store_true", help="fine-tune the saved folder's model (stage 1 done)")
     p.add_argument("--eval-only", action="store_true", help="skip training; evaluate and re-write the card")
     p.add_argument("--no-eval", action="store_true", help="train and save only")
     return p.parse_args(argv)
-
-
-# ---- data ------------------------------------------------------------------------------------------------
-def detok_lambada(line: str) -> str:
-    """Undo the LAMBADA plain text's PTB-style tokenization and restore some case, so that the training passages
-    look like OpenAI's detokenized, cased test set (`do n't` -> `don't`, `` `` x '' `` -> `"x"`)."""
-    s = " " + line.strip() + " "
-    s = s.replace(" `` ", ' "').replace(" '' ", '" ').replace(" ` ", " '")
-    s = re.sub(r" (n't|'s|'re|'ve|'ll|'d|'m)(?= )", r"\1", s)
-    s = re.sub(r" ([,.;:!?%)]|\.\.\.)(?= |\"|')", r"\1", s)
-    s = re.sub(r"(?<= )([($]) ", r"\1", s)
-    s = re.sub(r"(?<=[a-z]) ' (?=[\"\s])", "' ", s)  # closing single quote
-    s = re.sub(r"(?<= )i(?=[ ',.!?;:']|$)", "I", s)  # pronoun I, I'm, I'll
-    s = re.sub(r"(^\s*[\"']?|[.!?][\"']? +[\"']?|[,:] \")([a-z])", lambda m: m.group(1) + m.group(2).upper(), s)
-    return s.strip()
-
-
-def wikitext_articles(path: Path) -> list[str]:
-    """Articles split at top-level headings (` = Title = `, not ` = = Sub = = `), as lm-evaluation-harness's
-    document-level WikiText: lines re-joined with '\n', the heading line first, whitespace-only pages dropped."""
-    pages, cur = [], []
-    for line in path.read_text(encoding="utf-8").split("\n"):
-        if re.fullmatch(r" = [^=].* = ", line):
-            pages.append("\n".join(cur))
-            cur = []
-        cur.append(line)
-    pages.append("\n".join(cur))
-    return [p for p in pages if p.strip()]
-
-
-def lambada_test() -> list[tuple[str, str]]:
-    """(context, target): context is the text up to the last space, the target ' ' + the last word."""
-    items = []
-    for line in TEST_FILES["lambada_test"].read_text(encoding="utf-8").splitlines():
-        ctx, word = json.loads(line)["text"].rsplit(" ", 1)
-        items.append((ctx, " " + word))
-    return items
-
-
-def training_documents() -> list[str]:
-    lines = TRAIN_FILES["lambada_dev"].read_text(encoding="utf-8").splitlines()
-    return [detok_lambada(x) for x in lines if x.strip()] + wikitext_articles(TRAIN_FILES["wikitext2_valid"])
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # ---- tokenizer and model ---------------------------------------------------------------------------------
@@ -212,166 +163,80 @@ def train(model, train_docs, val_docs, args) -> dict:
             "val_history": history}
 
 
-# ---- evaluation (HF transformers, fp32) ------------------------------------------------------------------
-def _grouped(items: list[list[int]], batch: int):
-    """Indices of equal-length items in batches: no padding, so nothing depends on masking."""
-    by_len: dict[int, list[int]] = {}
-    for i, x in enumerate(items):
-        by_len.setdefault(len(x), []).append(i)
-    for idx in by_len.values():
-        for i in range(0, len(idx), batch):
-            yield idx[i:i + batch]
-
-
-def token_logprobs(model, seqs: list[list[int]], batch: int = 8) -> list:
-    """Per sequence, log p(seq[i] | seq[:i]) for i >= 1 (a float64 tensor) and whether each was the argmax."""
+def last_word_batch(examples: list[tuple[list[int], list[int]]], max_len: int):
+    """(ids, labels, target mask), each (B, T): `</s> context target`, right-padded (labels -100 there)."""
     import torch
 
-    out: list = [None] * len(seqs)
+    seqs = [([EOS] + c)[-(max_len - len(t)):] + t for c, t in examples]
+    n = max(map(len, seqs))
+    ids, labels, mask = torch.full((len(seqs), n), PAD), torch.full((len(seqs), n), -100), torch.zeros(len(seqs), n)
+    for i, (s, (_, t)) in enumerate(zip(seqs, examples)):
+        ids[i, :len(s)] = labels[i, :len(s)] = torch.tensor(s)
+        mask[i, len(s) - len(t):len(s)] = 1
+    return ids, labels, mask
+
+
+def finetune_last_word(model, tok, train_text: list[str], train_docs, val_text: list[str], args) -> dict:
+    """Stage 2: teach the small model LAMBADA's task on training text only. Each step: `stage2_batch`
+    last-word examples, half LAMBADA development passages (their real last word), half cut from any
+    training text where the word already occurs in the context (`reference_data.last_word_examples`,
+    re-cut each pass), with the target's loss weighted up; plus two ordinary 512-token chunks, so
+    perplexity keeps its footing. Held-out LAMBADA development passages are monitored (never test data)."""
+    import torch
+    import torch.nn.functional as F
+    from reference_data import lambada_passages, last_word_examples
+
+    def enc(pairs):
+        return [(tok(c, add_special_tokens=False)["input_ids"], tok(" " + w.lstrip(), add_special_tokens=False)
+                 ["input_ids"]) for c, w in pairs]
+
+    lam, held = enc(lambada_passages(train_text)), enc(lambada_passages(val_text))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.stage2_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warm = 50
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, i / args.stage2_steps)))))
+    lm = batches(train_docs, argparse.Namespace(**{**vars(args), "batch": 2}))
+    rng, pool, history, t0 = random.Random(args.seed + 2), [], [], time.time()
+    model.train()
+    for step in range(args.stage2_steps):
+        if len(pool) < args.stage2_batch:
+            synth = enc(last_word_examples(train_text, rng))
+            half = [lam[i] for i in rng.sample(range(len(lam)), min(len(lam), len(synth)))]
+            pool = half + synth
+            rng.shuffle(pool)
+        part, pool = pool[:args.stage2_batch], pool[args.stage2_batch:]
+        ids, labels, mask = last_word_batch(part, 192)
+        logits = model(input_ids=ids).logits[:, :-1]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
+                             reduction="none").view(labels.shape[0], -1)
+        known, target = (labels[:, 1:] != -100).float(), mask[:, 1:]
+        loss = (ce * known).sum() / known.sum() + args.stage2_target_weight * (ce * target).sum() / target.sum()
+        x = next(lm)
+        loss = loss + model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        if (step + 1) % 100 == 0 or step + 1 == args.stage2_steps:
+            acc = last_word_accuracy(model, held)
+            history.append({"step": step + 1, "target_loss": round((ce * target).sum().item() / target.sum().item(), 3),
+                            "held_out_lambada_dev_acc": round(acc, 4)})
+            print(f"stage 2 step {step + 1}/{args.stage2_steps} {history[-1]} {time.time() - t0:.0f}s", flush=True)
+    return {"stage2_seconds": round(time.time() - t0, 1), "stage2_history": history}
+
+
+def last_word_accuracy(model, items) -> float:
+    import torch
+
+    model.eval()
+    hits = 0
     with torch.no_grad():
-        for idx in _grouped(seqs, batch):
-            x = torch.tensor([seqs[i] for i in idx])
-            lp = torch.log_softmax(model(input_ids=x[:, :-1]).logits.double(), -1)
-            tgt = x[:, 1:]
-            got = lp.gather(-1, tgt[..., None])[..., 0]
-            hit = lp.argmax(-1) == tgt
-            for j, i in enumerate(idx):
-                out[i] = (got[j], hit[j])
-    return out
-
-
-def evaluate(out: Path, counts: list[int]) -> dict:
-    """WikiText-2 test perplexity and LAMBADA test accuracy of the saved fp16 checkpoint and of the unigram."""
-    import torch
-    from transformers import AutoTokenizer, OPTForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
-    model = OPTForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True).eval()
-    window = model.config.max_position_embeddings
-    total = sum(counts) + len(counts)
-    uni = [math.log((c + 1) / total) for c in counts]  # add-one smoothing over the whole vocabulary
-    top = max(range(len(counts)), key=counts.__getitem__)
-
-    # lm-eval's get_rolling_token_windows(max_seq_len=window, context_len=1): disjoint windows, each predicting up
-    # to `window` new tokens given only the last token of the previous window (</s> before the first)
-    articles = wikitext_articles(TEST_FILES["wikitext2_test"])
-    wins, n_tok, uni_ll = [], 0, 0.0
-    for doc in articles:
-        seq = [EOS] + tok(doc, add_special_tokens=False)["input_ids"]
-        n_tok += len(seq) - 1
-        uni_ll += sum(uni[t] for t in seq[1:])
-        wins += [seq[a - 1:a + window] for a in range(1, len(seq), window)]
-    t0 = time.time()
-    ll = sum(lp.sum().item() for lp, _ in token_logprobs(model, wins))
-    n_words = sum(len(re.split(r"\s+", d)) for d in articles)
-    n_bytes = sum(len(d.encode("utf-8")) for d in articles)
-
-    def ppl(loglik: float) -> dict:
-        return {"token_perplexity": math.exp(-loglik / n_tok), "word_perplexity": math.exp(-loglik / n_words),
-                "bits_per_byte": -loglik / n_bytes / math.log(2)}
-
-    wiki = {"articles": len(articles), "windows": len(wins), "window": window, "tokens": n_tok, "words": n_words,
-            "bytes": n_bytes, "model": ppl(ll), "unigram": ppl(uni_ll), "seconds": round(time.time() - t0, 1)}
-
-    # LAMBADA: context and target tokenized apart; correct iff every target token is the greedy one
-    t0 = time.time()
-    items = lambada_test()
-    ctxs = [[EOS] + tok(c, add_special_tokens=False)["input_ids"] for c, _ in items]
-    tgts = [tok(w, add_special_tokens=False)["input_ids"] for _, w in items]
-    scored = token_logprobs(model, [c + t for c, t in zip(ctxs, tgts)])
-    acc = ll_sum = u_acc = u_ll = 0.0
-    for c, t, (lp, hit) in zip(ctxs, tgts, scored):
-        acc += bool(hit[len(c) - 1:].all())
-        ll_sum += lp[len(c) - 1:].sum().item()
-        u_acc += all(x == top for x in t)
-        u_ll += sum(uni[x] for x in t)
-    n = len(items)
-    lam = {"examples": n, "prefix": "</s>", "mean_target_tokens": sum(map(len, tgts)) / n,
-           "model": {"accuracy": acc / n, "mean_target_loglik": ll_sum / n},
-           "unigram": {"accuracy": u_acc / n, "mean_target_loglik": u_ll / n, "greedy_token": tok.decode([top])},
-           "seconds": round(time.time() - t0, 1)}
-    return {"wikitext2_test": wiki, "lambada_test": lam}
-
-
-# ---- model card ------------------------------------------------------------------------------------------
-def write_card(out: Path, info: dict) -> None:
-    (out / "eval_hf.json").write_text(json.dumps(info, indent=2) + "\n")
-    w, lam, tr, m, r = info["wikitext2_test"], info["lambada_test"], info["training"], info["model"], info["recipe"]
-    rows = "\n".join(f"| {k} | `{v}` |" for k, v in r.items())
-    hashes = "\n".join(f"| `{k}` | `{v}` |" for k, v in info["data_sha256"].items())
-    vh = ", ".join(f"{h['step']}: {h['val_loss']}" for h in tr["val_history"])
-    text = f"""---
-license: cc-by-sa-3.0
-language: en
-library_name: transformers
-pipeline_tag: text-generation
-tags: [opt, flexhelm, tiny, reference]
----
-
-# flexhelm-opt-ref
-
-A small OPT-architecture language model trained from scratch by `scripts/train_reference.py`, shipped so
-that flexhelm's LAMBADA and WikiText runs have a real (if weak) model to evaluate offline. It is a
-test fixture with real numbers, not a useful language model.
-
-- Architecture: `OPTForCausalLM`, pre-LN, ReLU, tied input/output embeddings, {m['layers']} layers, hidden
-  {m['hidden']}, {m['heads']} heads, FFN {m['ffn']}, {m['max_positions']} positions, {m['parameters']:,} parameters,
-  stored in fp16 (safetensors).
-- Tokenizer: byte-level BPE (`tokenizers`), vocabulary {m['vocab_size']}, trained on the training text below.
-  OPT's special-token ids: `<s>`=0, `<pad>`=1, `</s>`=2 (BOS and EOS), `<unk>`=3; like OPT's tokenizer,
-  `tok(text)` prepends `</s>`.
-
-## Evaluation (HF transformers, fp32 compute on the fp16 weights)
-
-| | WikiText-2 test token ppl | word ppl | bits/byte | LAMBADA acc | LAMBADA mean target loglik |
-|---|---|---|---|---|---|
-| this model | {w['model']['token_perplexity']:.2f} | {w['model']['word_perplexity']:.2f} | \
-{w['model']['bits_per_byte']:.4f} | {lam['model']['accuracy']:.4f} | {lam['model']['mean_target_loglik']:.3f} |
-| unigram, same tokenizer | {w['unigram']['token_perplexity']:.2f} | {w['unigram']['word_perplexity']:.2f} | \
-{w['unigram']['bits_per_byte']:.4f} | {lam['unigram']['accuracy']:.4f} | {lam['unigram']['mean_target_loglik']:.3f} |
-
-- WikiText-2 (`wiki.test.raw`, raw text, no detokenizer): {w['articles']} articles split at top-level headings,
-  {w['tokens']:,} tokens, {w['words']:,} words (`len(re.split(r"\\s+", doc))`), {w['bytes']:,} bytes; rolling
-  disjoint windows of {w['window']} tokens as lm-evaluation-harness (`context_len=1`, `</s>` before each article).
-- LAMBADA (OpenAI's detokenized test set, {lam['examples']} passages): context = text up to the last space,
-  target = `" " + last word`, tokenized apart, `</s>` before the context; correct iff the argmax at every target
-  position is the target token (teacher forced). Mean target length {lam['mean_target_tokens']:.2f} tokens.
-- Unigram: add-one smoothed token frequencies of the training tokens; its greedy guess is always
-  `{lam['unigram']['greedy_token']!r}`.
-
-## Training
-
-- Text: LAMBADA development passages (PTB-style tokenized, lowercased; a light detokenizer joins `n't`, `'s` and
-  punctuation, turns ``` `` ```/`''` into `"` and capitalizes sentence starts and "I") and WikiText-2 validation
-  (raw, one document per article). Never the test files. Documents are joined with `</s>`; {r['val_frac']:.0%} of
-  them (seeded) are held out for monitoring.
-- Recipe: fp32, AdamW (betas 0.9/0.95, weight decay on matrices and embeddings), linear warmup then cosine to
-  {r['min_lr_ratio']} x peak, gradient clipping {r['clip']}, {r['batch']} x {r['seq_len']} tokens per step,
-  {tr['tokens_seen']:,} tokens seen ({tr['epochs']:.1f} epochs of {tr['train_tokens']:,} training tokens),
-  {tr['train_seconds'] / 60:.1f} minutes on {r['threads']} CPU threads ({tr['cpu']}).
-- Held-out loss by step: {vh}.
-- Software: {info['versions']}.
-
-| argument | value |
-|---|---|
-{rows}
-
-Reproduce (defaults = this folder; CPU float arithmetic with the same thread count and library versions):
-`nice -n 5 python scripts/train_reference.py`
-
-### Data (sha256 of the files read)
-
-| file | sha256 |
-|---|---|
-{hashes}
-
-## Licence and attribution
-
-Trained on LAMBADA (Paperno et al. 2016, CC BY 4.0) and WikiText-2 (Merity et al. 2016, from Wikipedia,
-CC BY-SA 3.0). The weights are offered under CC BY-SA 3.0, the stricter of the two; the script is Apache-2.0
-with the rest of flexhelm.
-"""
-    (out / "README.md").write_text(text)
+        for c, t in items:
+            x = torch.tensor([([EOS] + c + t)[-512:]])
+            hits += bool((model(input_ids=x[:, :-1]).logits[0, -len(t):].argmax(-1) == torch.tensor(t)).all())
+    model.train()
+    return hits / max(1, len(items))
 
 
 def main(argv=None) -> None:
@@ -392,8 +257,9 @@ def main(argv=None) -> None:
     train_text = [d for i, d in enumerate(docs) if i not in held]
     val_text = [d for i, d in enumerate(docs) if i in held]
 
-    if args.eval_only:
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, OPTForCausalLM
+
+    if args.eval_only or args.stage2_only:
         tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
         info = json.loads((out / "eval_hf.json").read_text())
     else:
@@ -404,7 +270,7 @@ def main(argv=None) -> None:
     n_train = sum(len(d) + 1 for d in train_docs)
     print(f"{len(train_docs)} training documents, {n_train:,} tokens; {len(val_docs)} held out", flush=True)
 
-    if not args.eval_only:
+    if not (args.eval_only or args.stage2_only):
         model = build_model(args, len(tok))
         n_params = sum(p.numel() for p in model.parameters())
         print(f"OPT {args.layers}x{args.hidden}, {n_params:,} parameters", flush=True)
@@ -415,8 +281,13 @@ def main(argv=None) -> None:
         info = {"model": {"parameters": n_params, "vocab_size": len(tok), "layers": args.layers,
                           "hidden": args.hidden, "heads": args.heads, "ffn": args.ffn, "max_positions": args.seq_len},
                 "training": tr}
+    if args.stage2_steps and not args.eval_only:  # from the saved stage-1 weights: the same start either way
+        model = OPTForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True)
+        torch.manual_seed(args.seed + 2)
+        info["training"].update(finetune_last_word(model, tok, train_text, train_docs, val_text, args))
+        model.half().save_pretrained(out, safe_serialization=True)
     info["recipe"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                      if k not in ("out", "eval_only", "no_eval")}
+                      if k not in ("out", "eval_only", "no_eval", "stage2_only")}
     info["data_sha256"] = {f"scenarios/data/{p.relative_to(DATA)}": sha256(p)
                            for p in [*TRAIN_FILES.values(), *TEST_FILES.values()]}
     info["versions"] = (f"torch {torch.__version__}, transformers {transformers.__version__}, "

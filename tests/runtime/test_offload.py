@@ -73,6 +73,21 @@ def test_disk_peak_counts_the_cache_blocks_written(tiny_opt, tmp_path):
     engine.close()
 
 
+def test_cache_pool_keeps_only_the_current_shape(tiny_opt):
+    """Cache tensors are reused across calls of one shape; a call of another shape frees the old ones, so a
+    suite of varying request lengths never holds more cache than its current call (the plan's figure)."""
+    path, _ = tiny_opt("pre")
+    engine = Engine(path, Policy(gpu_batch_size=2))
+    pooled = lambda: {key for key, free in engine.runner._pool.items() if free}  # noqa: E731
+    engine.generate(PROMPTS[:2], 4, stop_at_eos=False)
+    first = pooled()
+    engine.generate(PROMPTS[:2], 4, stop_at_eos=False)
+    assert pooled() == first and first  # the same shape: reused
+    engine.generate(PROMPTS[:2], 9, stop_at_eos=False)
+    assert pooled() and not pooled() & first
+    engine.close()
+
+
 def test_model_larger_than_the_ram_budget(tiny_opt, tmp_path):
     """Only ~10% of the weights in RAM: the run still equals the all-in-RAM run."""
     path, _ = tiny_opt("350m", "safetensors", torch.float16)
