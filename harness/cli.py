@@ -140,7 +140,7 @@ def _check_limits(args: argparse.Namespace, stats) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from harness.bench import run
 
-    run(args.name, out_dir=Path(args.out), quick=args.quick)
+    run(args.name, out_dir=Path(args.out), quick=args.quick, setups=tuple(args.setup))
     return 0
 
 
@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name")
     b.add_argument("--out", default="results/bench", help="folder for the CSV and PNG")
     b.add_argument("--quick", action="store_true", help="tiny model, for a smoke test")
+    b.add_argument("--setup", action="append", default=[], choices=["W1c", "W2"],
+                   help="W4 only: measure this setup alone (repeatable; default both)")
     b.set_defaults(func=cmd_bench)
     plan_cli.add_parsers(sub)
     suite_cli.add_commands(sub)

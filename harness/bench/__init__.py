@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from harness.bench.workloads import BY_NAME
@@ -20,15 +21,17 @@ WORKLOADS: dict[str, str] = {name: w.description for name, w in BY_NAME.items()}
 _OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def run(name: str, out_dir: Path = Path("results/bench"), quick: bool = False) -> str:
+def run(name: str, out_dir: Path = Path("results/bench"), quick: bool = False, setups: tuple[str, ...] = ()) -> str:
     """Run workload `name`, write `<out_dir>/<name>.csv` (and `.png`), print and return the summary line.
 
-    `quick` shrinks the workload to a tiny model and a few tokens (same code path) for smoke tests.
+    `quick` shrinks the workload to a tiny model and a few tokens (same code path) for smoke tests;
+    `setups` picks a part of a workload made of several (W4: W1c, W2).
     """
     if name not in BY_NAME:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BY_NAME))}")
     os.environ.update(_OFFLINE_ENV)
     workload = BY_NAME[name].shrink() if quick else BY_NAME[name]
+    workload = replace(workload, setups=tuple(setups))
     # heavy imports (torch, transformers) only once a workload runs
     module = importlib.import_module(f"harness.bench.{workload.module}")
     return module.run(workload, Path(out_dir))

@@ -66,6 +66,8 @@ def run(w: Workload, out_dir: Path) -> str:
     spec_model = model_spec(path)
     other = OtherLoad()
     setups = [("W1c", w, grid_w1c()), ("W2", replace(w, batch=max(1, w.batch // 4), ram_budget=2 * _GiB), grid_w2())]
+    setups = [s for s in setups if not w.setups or s[0] in w.setups]
+    title = w.name if not w.setups else f"{w.name}-{'-'.join(s[0] for s in setups)}"  # a part: its own CSV
     ratios, errors, rows = [], [], []
     for name, s, grid in setups:
         grid = grid[:QUICK_GRID] if w.quick else grid
@@ -94,9 +96,9 @@ def run(w: Workload, out_dir: Path) -> str:
         errors += [abs(pred - row.throughput) / row.throughput for _, _, row, _, pred in measured if row.throughput]
         rows += [m[2] for m in measured]
     w1.print_other_load(w.name, other.cores())
-    print(f"{w.name} wrote {report.write_csv(rows, out_dir / f'{w.name}.csv')}")
+    print(f"{w.name} wrote {report.write_csv(rows, out_dir / f'{title}.csv')}")
     ratio = f"{min(ratios):.2f}" if ratios else "n/a"
-    summary = f"{w.name} auto/best={ratio} median_abs_pred_err={statistics.median(errors):.2f}"
+    summary = f"{title} auto/best={ratio} median_abs_pred_err={statistics.median(errors):.2f}"
     print(summary, flush=True)
     return summary
 

@@ -28,6 +28,9 @@ class Workload:
     """The `harness.bench` module whose `run(workload, out_dir)` runs it."""
     quick: bool = False
     """The smoke-test variant (`shrink`): optional baselines may be skipped."""
+    setups: tuple[str, ...] = ()
+    """W4: the setups to measure (W1c, W2); empty: all. Each takes about an hour on 2 cores, so they can be
+    measured in separate sittings of an idle machine."""
 
     def shrink(self) -> Workload:
         """The quick variant: a tiny model and a few tokens, same code path, for a smoke test."""

@@ -35,3 +35,13 @@ def test_unknown_workload_lists_known_names():
     with pytest.raises(ValueError, match=", ".join(sorted(WORKLOADS))):
         run("W9")
     assert set(WORKLOADS) == {"W1a", "W1b", "W1c", "W2", "W3", "W4", "W5", "quality"}
+
+
+def test_w4_measures_one_setup_alone(tmp_path, monkeypatch, capsys):
+    """`flexhelm bench W4 --setup W2`: one half of W4 (each is about an hour on 2 cores), its own CSV."""
+    monkeypatch.setenv("FLEXHELM_CACHE", str(tmp_path / "cache"))
+    summary = run("W4", out_dir=tmp_path / "out", quick=True, setups=("W2",))
+    assert re.fullmatch(r"W4-W2 auto/best=(\d+\.\d\d|n/a) median_abs_pred_err=\d+\.\d\d", summary)
+    out = capsys.readouterr().out
+    assert "W4 W2 setup" in out and "W4 W1c setup" not in out
+    assert (tmp_path / "out" / "W4-W2.csv").is_file() and not (tmp_path / "out" / "W4.csv").exists()
