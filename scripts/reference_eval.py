@@ -51,17 +51,21 @@ def evaluate(out: Path, counts: list[int]) -> dict:
     uni = [math.log((c + 1) / total) for c in counts]  # add-one smoothing over the whole vocabulary
     top = max(range(len(counts)), key=counts.__getitem__)
 
-    # lm-eval's get_rolling_token_windows(max_seq_len=window, context_len=1): disjoint windows, each predicting up
-    # to `window` new tokens given only the last token of the previous window (</s> before the first)
+    # lm-eval's get_rolling_token_windows(max_seq_len=window, context_len=1): every token predicted once, in
+    # windows of `window` tokens given the last token of the previous window (</s> before the first); the last,
+    # shorter window is given as many earlier tokens as fill the model's positions (only its new ones count)
     articles = wikitext_articles(TEST_FILES["wikitext2_test"])
-    wins, n_tok, uni_ll = [], 0, 0.0
+    wins, scored, n_tok, uni_ll = [], [], 0, 0.0
     for doc in articles:
         seq = [EOS] + tok(doc, add_special_tokens=False)["input_ids"]
         n_tok += len(seq) - 1
         uni_ll += sum(uni[t] for t in seq[1:])
-        wins += [seq[a - 1:a + window] for a in range(1, len(seq), window)]
+        for a in range(1, len(seq), window):  # a: first token this window predicts
+            end = min(a + window, len(seq))
+            wins.append(seq[max(0, end - 1 - window):end])
+            scored.append(end - a)
     t0 = time.time()
-    ll = sum(lp.sum().item() for lp, _ in token_logprobs(model, wins))
+    ll = sum(lp[-k:].sum().item() for (lp, _), k in zip(token_logprobs(model, wins), scored))
     n_words = sum(len(re.split(r"\s+", d)) for d in articles)
     n_bytes = sum(len(d.encode("utf-8")) for d in articles)
 
@@ -131,7 +135,8 @@ test fixture with real numbers, not a useful language model.
 
 - WikiText-2 (`wiki.test.raw`, raw text, no detokenizer): {w['articles']} articles split at top-level headings,
   {w['tokens']:,} tokens, {w['words']:,} words (`len(re.split(r"\\s+", doc))`), {w['bytes']:,} bytes; rolling
-  disjoint windows of {w['window']} tokens as lm-evaluation-harness (`context_len=1`, `</s>` before each article).
+  windows of {w['window']} predicted tokens as lm-evaluation-harness (`context_len=1`: each conditioned on the
+  previous window's last token, an article's last window on as many earlier tokens as fit; `</s>` before each article).
 - LAMBADA (OpenAI's detokenized test set, {lam['examples']} passages): context = text up to the last space,
   target = `" " + last word`, tokenized apart, `</s>` before the context; correct iff the argmax at every target
   position is the target token (teacher forced). Mean target length {lam['mean_target_tokens']:.2f} tokens.
