@@ -223,13 +223,6 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
         stored = {"device": mem * (cdt_bytes if acc else on_cpu_fmt), "host": mem * (ckpt_bytes if acc else on_cpu_fmt),
                   "disk": mem * ckpt_bytes}
     w_io = stored["disk"]  # what crosses a link: host and disk weights keep the checkpoint's (or packed) form
-    # The embedding table and an untied head are layers of their own in the runtime, far larger than the
-    # per-layer average above; once on disk (each layer's tensors are placed by the midpoint of their
-    # cumulative size, so a table alone in its layer goes to disk when more than half the weights do), every
-    # staging slot keeps a buffer of their shape: the tied head is read in the other slot than the embedding.
-    tables_on_disk = assume_offload or x["wd"] > 0.5
-    tables_io = (z.lookup_params * nl + (0 if model.tied_embeddings else V * model.embed_dim)) * ckpt_bytes
-    tables_io *= tables_on_disk
 
     # Compute (FLOPs at measured rates), conversion and dequantization, per layer.
     def gemm(rows: int, per_row_flops: float, head_rows: int) -> float:
@@ -302,7 +295,7 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
         if converts:  # one layer's matrices in the compute dtype, reused across layers, and the head's own
             staging["device"] += z.matrix_params * cdt_bytes + V * model.embed_dim * cdt_bytes  # (other shape)
         if offload_w:  # two staging slots of a layer's disk weights (runtime.weights: depth + 1)
-            staging[ram] += 2 * w_io + 2 * tables_io
+            staging[ram] += 2 * w_io
         if offload_c:  # the staging ring: two (2, S, micro-batch, kvH, D) buffers
             staging[ram] += 2 * (s + n) * g * z.kv_token
         staging[ram] += hw.base_mem

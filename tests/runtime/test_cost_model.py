@@ -36,24 +36,6 @@ def test_disk_weights_cost_their_bytes_at_the_disk_bandwidth():
     assert full.memory["disk"] > half.memory["disk"] > 0 and full.bottleneck == "decode: disk_read"
 
 
-def test_an_embedding_on_disk_is_staged_in_both_slots():
-    """The runtime reads the tied embedding as a layer of its own, into either staging slot (the head's read
-    lands in the other): once more than half the weights are on disk (the table's midpoint), the RAM peak
-    counts two table-sized buffers beyond the two layer-sized ones (W4's W2 setup ran 0.16 GiB over a plan
-    that did not)."""
-    hw, model = cpu_hardware(), opt("1.3b")
-    positions = (model.max_positions + model.position_offset) * model.hidden_size
-    table = 2 * (model.vocab_size * model.embed_dim + positions)  # fp16 bytes
-    cal = hw.calibration.memory
-    ram = {}
-    for wd in (0.3, 0.49, 0.51, 0.7):
-        policy = Policy(gpu_batch_size=16, weights=Placement(1 - wd, 0.0), weight_format="checkpoint", device="cpu")
-        ram[wd] = predict(hw, model, WORK, policy).memory["device"]
-    resident = lambda a, b: 2 * model.num_parameters() * (b - a) * cal  # fp16 weights kept in RAM between the two
-    assert ram[0.49] - ram[0.51] == pytest.approx(resident(0.49, 0.51) - 2 * table * cal, rel=1e-3)
-    assert ram[0.3] - ram[0.49] == pytest.approx(resident(0.3, 0.49), rel=1e-3)  # nothing else moves
-
-
 def test_overlap_takes_the_max_and_no_overlap_the_sum():
     hw, model = hardware(), opt("1.3b")
     base = dict(gpu_batch_size=8, weights=Placement(0.2, 0.3))
