@@ -24,7 +24,6 @@ import contextlib
 import io
 import logging
 import os
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from harness.executor import ExecutionJob, Executor, LocalExecutor
 from harness.policies import ResolvedPolicy, resolve_policy
 from harness.progress import SuiteProgress
 from harness.request_cache import RequestCache, model_identity
+from harness.run_log import RunLog
 from harness.suite import PROJECT_ROOT, RunSpec, Suite, SuiteError
 
 DONE = "done.json"
@@ -112,7 +112,7 @@ class SuiteRunner:
         try:
             # one finisher: runs finish in order, each while the next one computes; it also adapts the next
             # scenario ahead of time (HELM's tokenization)
-            with _RunLog.quiet(), ThreadPoolExecutor(1, thread_name_prefix="flexhelm-finish") as finisher:
+            with RunLog.quiet(), ThreadPoolExecutor(1, thread_name_prefix="flexhelm-finish") as finisher:
                 for i, run in enumerate(suite.runs):
                     for ahead in suite.runs[i:i + 2] if i == 0 else suite.runs[i + 1:i + 2]:
                         if not self.is_finished(ahead):  # the first while the first run plans, then the next
@@ -149,11 +149,11 @@ class SuiteRunner:
         run_dir = self.run_dir(run)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / DONE).unlink(missing_ok=True)  # a stale marker from an edited entry must not survive a crash
-        log = _RunLog(run_dir / "run.log", run.id)
+        log = RunLog(run_dir / "run.log", run.id)
         started = time.perf_counter()
 
         def guarded(step: Callable[[], object], last: bool) -> object:
-            _RunLog.current.run = run.id
+            RunLog.current.run = run.id
             try:
                 return step()
             except Exception as e:  # one broken run must not cost the night: log it, go on with the next
@@ -260,7 +260,7 @@ class SuiteRunner:
         key = _spec_key(helm_spec)
         if key != self._last_adapted[0] and key not in self._prefetched:
             def adapt():
-                _RunLog.current.run = run_id
+                RunLog.current.run = run_id
                 return self._adapt_now(helm_spec)
 
             self._prefetched[key] = finisher.submit(adapt)
@@ -323,44 +323,6 @@ class _HelmServices:
                                                                                  parallelism=1))
         self.tokenizer_service = TokenizerService(context)
         self.metric_service = MetricService(context)
-
-
-class _RunLog:
-    """HELM's log (logger `helm`) and flexhelm's into the run folder's `run.log` while the run lasts. Two runs
-    overlap (one computes, the previous one finishes): a record goes to the run its thread works on."""
-
-    NAMES = ("helm", "flexhelm")
-    current = threading.local()
-    """`.run`: the id of the run this thread works on."""
-
-    def __init__(self, path: Path, run_id: str) -> None:
-        self.handler = logging.FileHandler(path)
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        self.handler.addFilter(lambda record: getattr(self.current, "run", None) == run_id)
-        for name in self.NAMES:
-            logging.getLogger(name).addHandler(self.handler)
-
-    def close(self) -> None:
-        for name in self.NAMES:
-            logging.getLogger(name).removeHandler(self.handler)
-        self.handler.close()
-
-    @staticmethod
-    @contextlib.contextmanager
-    def quiet():
-        """For a suite: HELM's chatter belongs in the run logs, not between the progress bars."""
-        saved = {}
-        for name in _RunLog.NAMES:
-            logger = logging.getLogger(name)
-            saved[name] = (logger.level, logger.propagate)
-            logger.setLevel(logging.INFO)
-            logger.propagate = False
-        try:
-            yield
-        finally:
-            for name, (level, propagate) in saved.items():
-                logging.getLogger(name).setLevel(level)
-                logging.getLogger(name).propagate = propagate
 
 
 def _import_helm_classes(helm_specs) -> None:
