@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from harness import auto_policy, plan_cli, suite_cli
+from harness.bench.workloads import W4_SETUPS
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -184,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name")
     b.add_argument("--out", default="results/bench", help="folder for the CSV and PNG")
     b.add_argument("--quick", action="store_true", help="tiny model, for a smoke test")
-    b.add_argument("--setup", action="append", default=[], choices=["W1c", "W2"],
+    b.add_argument("--setup", action="append", default=[], choices=W4_SETUPS,
                    help="W4 only: measure this setup alone (repeatable; default both)")
     b.set_defaults(func=cmd_bench)
     plan_cli.add_parsers(sub)

@@ -22,7 +22,7 @@ from pathlib import Path
 from harness.auto_policy import model_spec
 from harness.bench import budget, models, report, w1
 from harness.bench.measure import OtherLoad
-from harness.bench.workloads import Workload
+from harness.bench.workloads import W4_SETUPS, Workload
 
 _GiB = 2**30
 QUICK_GRID = 3
@@ -65,7 +65,8 @@ def run(w: Workload, out_dir: Path) -> str:
     arch = models.ARCHS[w.model]
     spec_model = model_spec(path)
     other = OtherLoad()
-    setups = [("W1c", w, grid_w1c()), ("W2", replace(w, batch=max(1, w.batch // 4), ram_budget=2 * _GiB), grid_w2())]
+    setups = list(zip(W4_SETUPS, (w, replace(w, batch=max(1, w.batch // 4), ram_budget=2 * _GiB)),
+                      (grid_w1c(), grid_w2())))
     setups = [s for s in setups if not w.setups or s[0] in w.setups]
     title = w.name if not w.setups else f"{w.name}-{'-'.join(s[0] for s in setups)}"  # a part: its own CSV
     ratios, errors, rows = [], [], []

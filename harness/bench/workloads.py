@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+W4_SETUPS = ("W1c", "W2")
+"""The two halves of W4 (`harness.bench.w4`), measurable alone with `flexhelm bench W4 --setup NAME`."""
+
 
 @dataclass(frozen=True)
 class Workload:
