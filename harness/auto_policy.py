@@ -10,6 +10,7 @@ Importing this module stays cheap: torch and cvxpy load when a plan is made.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -124,6 +125,7 @@ def plan(model_dir, prompt_len: int, gen_len: int, num_seqs: int | None = None, 
     from runtime.cost_model import Workload
     from runtime.errors import InputError
     from runtime.policy_search import search
+    from runtime.weights import weight_levels
 
     try:
         work = Workload(prompt_len, gen_len, num_seqs)
@@ -131,32 +133,9 @@ def plan(model_dir, prompt_len: int, gen_len: int, num_seqs: int | None = None, 
         raise InputError(str(e)) from None
     hw = hardware_for(hardware, limits, offload_dir)
     spec = model_spec(model_dir)
-    return as_placed(search(hw, spec, work, base, batch_sizes, num_batches, compress), model_dir, hw, spec, work)
-
-
-def as_placed(found, model_dir, hw, spec, work):
-    """The plan with the weight fractions the runtime realises, predicted again. The runtime keeps whole
-    tensors in a tier (`runtime.weights.assign_tiers`), so an LP fraction such as 0.97 can keep every
-    tensor of a layer but its last small ones resident, beyond the planned bytes; snapping the fractions
-    down to what fits them (`fit_fraction`) keeps each memory tier within the plan. Needs the weights:
-    a plan from config.json alone keeps the LP's fractions."""
-    from dataclasses import replace
-
-    from runtime.cost_model import predict
-    from runtime.errors import CheckpointError
-    from runtime.policy import Placement
-    from runtime.weights import fit_fraction
-
-    w = found.policy.weights
-    if all(f in (0.0, 1.0) for f in (w.device, w.host, w.disk)):
-        return found
-    try:
-        device = fit_fraction(model_dir, compress_weight=found.policy.compress_weight, fraction=w.device)
-        memory = fit_fraction(model_dir, compress_weight=found.policy.compress_weight, fraction=w.device + w.host)
-    except CheckpointError:
-        return found
-    policy = replace(found.policy, weights=Placement(device, max(0.0, memory - device)))
-    return replace(found, policy=policy, prediction=predict(hw, spec, work, policy))
+    # The runtime keeps whole tensors in a tier: plan with the weight fractions it realises as planned.
+    levels = functools.partial(weight_levels, spec)
+    return search(hw, spec, work, base, batch_sizes, num_batches, compress, weight_levels=levels)
 
 
 def hardware_for(hardware: str | None = None, limits: Limits | None = None, offload_dir: str | None = None):

@@ -223,6 +223,13 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
         stored = {"device": mem * (cdt_bytes if acc else on_cpu_fmt), "host": mem * (ckpt_bytes if acc else on_cpu_fmt),
                   "disk": mem * ckpt_bytes}
     w_io = stored["disk"]  # what crosses a link: host and disk weights keep the checkpoint's (or packed) form
+    # The tables and the head stay in RAM where the placement says disk (`WeightSpec.in_memory`): their bytes
+    # in each tier's form; the disk holds, reads and stages the rest.
+    head = 0.0 if model.tied_embeddings else model.vocab_size * model.embed_dim / nl
+    kept = {t: z.lookup_params * ckpt_bytes + head * (packed / z.matrix_params) for t in TIERS} if qw else {
+        t: (z.lookup_params + head) * stored[t] / mem for t in TIERS}
+    ram = "host" if acc else "device"  # where staging buffers, the process and kept weights live
+    w_disk = w_io - kept["disk"]
 
     # Compute (FLOPs at measured rates), conversion and dequantization, per layer.
     def gemm(rows: int, per_row_flops: float, head_rows: int) -> float:
@@ -273,14 +280,13 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
                               cd=_per(read_host_cache, hw.host_to_device)) * io
             t["d2h"] = Lin.of(cc=_per(k_new, hw.device_to_host), cd=_per(k_new, hw.device_to_host),
                               hc=_per(a, hw.device_to_host), hd=_per(a, hw.device_to_host)) * io
-        t["disk_read"] = Lin.of(wd=_per(w_io, hw.disk_to_host), cd=_per(k_read, hw.disk_to_host),
+        t["disk_read"] = Lin.of(wd=_per(w_disk, hw.disk_to_host), cd=_per(k_read, hw.disk_to_host),
                                 hd=_per(a, hw.disk_to_host)) * io
         t["disk_write"] = Lin.of(cd=_per(k_new, hw.host_to_disk), hd=_per(a, hw.host_to_disk)) * io
         time[phase] = t
 
     # Peak memory per tier: homes of weights, cache and activations, plus one micro-batch's working set.
     cache_home = nl * B * (s + n) * z.kv_token
-    ram = "host" if acc else "device"  # where staging buffers and the process itself live
     memory: dict[str, dict[str, Lin]] = {}
     for phase in PHASES:
         rows = g * s if phase == "prefill" else g
@@ -295,15 +301,17 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
         if converts:  # one layer's matrices in the compute dtype, reused across layers, and the head's own
             staging["device"] += z.matrix_params * cdt_bytes + V * model.embed_dim * cdt_bytes  # (other shape)
         if offload_w:  # two staging slots of a layer's disk weights (runtime.weights: depth + 1)
-            staging[ram] += 2 * w_io
+            staging[ram] += 2 * w_disk
         if offload_c:  # the staging ring: two (2, S, micro-batch, kvH, D) buffers
             staging[ram] += 2 * (s + n) * g * z.kv_token
         staging[ram] += hw.base_mem
+        kept_home = {t: Lin.of(wd=nl * kept[ram]) if t == ram else Lin() for t in ("device", "host")}
         memory[phase] = {
-            "device": Lin.of(staging["device"], wg=nl * stored["device"], cg=cache_home, hg=act[phase])
-            * (cal.memory if not acc else 1.0),
-            "host": Lin.of(staging["host"], wc=nl * stored["host"], cc=cache_home, hc=act[phase]) * cal.memory,
-            "disk": Lin.of(0.0, wd=nl * stored["disk"], cd=cache_home, hd=act[phase]),
+            "device": (Lin.of(staging["device"], wg=nl * stored["device"], cg=cache_home, hg=act[phase])
+                       + kept_home["device"]) * (cal.memory if not acc else 1.0),
+            "host": (Lin.of(staging["host"], wc=nl * stored["host"], cc=cache_home, hc=act[phase])
+                     + kept_home["host"]) * cal.memory,
+            "disk": Lin.of(0.0, wd=nl * w_disk, cd=cache_home, hd=act[phase]),
         }
     return CostTerms(time, memory, nl, n, cal.overlap if policy.overlap else 0.0)
 

@@ -28,6 +28,10 @@ class WeightSpec:
     lookup: bool = False
     """A table the layer only indexes (embeddings): fetched in its stored dtype, the layer casts the rows it
     takes, so a 50k x h table is never converted whole."""
+    in_memory: bool = False
+    """Never placed on disk (a disk placement keeps it in RAM): the embedding tables and the head, which a
+    step needs whole. Staged from disk, such a weight would take a buffer of its own size anyway, and a
+    read per step: on opt-1.3b the tied 206 MB table was read twice a step, into both staging slots."""
 
 
 @dataclass

@@ -12,6 +12,12 @@ The LP is built once per structure with cvxpy Parameters and re-solved for every
 Its solution, rounded, and the all-on-device policy are then evaluated exactly by `predict` (which counts
 offload-only buffers only when something is offloaded); the best feasible one wins.
 
+The runtime keeps whole tensors in a tier, so only some weight fractions are what they say (`weight_levels`:
+the boundaries between a layer's tensors; between two, the runtime keeps the lower one's bytes and a tensor
+more, or fewer). Given the levels, the weight fractions of a solution are moved to the levels on either side
+and the LP is solved again with them fixed (cache and activations take what the weights leave): a plan
+never counts on bytes the runtime would not keep, nor keeps bytes it did not count.
+
 When nothing fits, `InfeasibleError` names the binding tier and the least memory of it that would work,
 from one more LP per tier: minimize that tier's peak with the other tiers' limits kept.
 """
@@ -19,6 +25,7 @@ from one more LP per tier: minimize that tier's peak with the other tiers' limit
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from runtime.cost_model import (
@@ -83,10 +90,12 @@ def batch_candidates(limit: int) -> list[int]:
 def search(hw: HardwareSpec, model: ModelSpec, work: Workload, base: Policy | None = None,
            batch_sizes: list[int] | None = None, num_batches: list[int] | None = None,
            compressions: list[tuple[QuantConfig | None, QuantConfig | None]] | None = None,
-           max_block: int = 4096) -> Plan:
+           max_block: int = 4096,
+           weight_levels: Callable[[QuantConfig | None], list[float]] | None = None) -> Plan:
     """The policy with the highest predicted throughput. `base` gives the fields the search leaves alone
     (device, overlap, cpu_attention, ...); `batch_sizes` / `num_batches` restrict the shapes (default:
-    all up to `num_seqs`, or `max_block`); `compressions`: (weights, cache) configs to try (default: none)."""
+    all up to `num_seqs`, or `max_block`); `compressions`: (weights, cache) configs to try (default: none);
+    `weight_levels`: the weight fractions the runtime realises, per weight compression (default: any)."""
     base = base or Policy()
     limit = work.num_seqs or max_block
     sizes = batch_sizes or batch_candidates(limit)
@@ -99,6 +108,7 @@ def search(hw: HardwareSpec, model: ModelSpec, work: Workload, base: Policy | No
     best: Prediction | None = None
     tried = 0
     for qw, qc in compressions:
+        levels = weight_levels(qw) if weight_levels else None
         for fmt in formats:
             for g in sizes:
                 for nb in counts:
@@ -107,7 +117,7 @@ def search(hw: HardwareSpec, model: ModelSpec, work: Workload, base: Policy | No
                     shape = replace(base, gpu_batch_size=g, num_gpu_batches=nb, compress_weight=qw,
                                     compress_cache=qc, weight_format=fmt)
                     tried += 1
-                    found = _best_for_shape(hw, model, work, shape, lp)
+                    found = _best_for_shape(hw, model, work, shape, lp, levels)
                     if found is None:
                         break  # a larger block needs more memory still
                     if best is None or found.throughput > best.throughput:
@@ -118,19 +128,41 @@ def search(hw: HardwareSpec, model: ModelSpec, work: Workload, base: Policy | No
     return Plan(best.policy, best, _binding(hw, best), tried, capacities(hw, usable=False))
 
 
-def _best_for_shape(hw, model, work, shape: Policy, lp: _LP) -> Prediction | None:
+def _best_for_shape(hw, model, work, shape: Policy, lp: _LP, levels: list[float] | None) -> Prediction | None:
     candidates = [replace(shape, weights=Placement(), cache=Placement(), activations=Placement())]
-    solution = lp.solve(terms(hw, model, work, shape, assume_offload=True), hw)
-    for snap in (round, math.floor) if solution is not None else ():
-        x = _rounded(solution, snap)
-        candidates.append(replace(shape, weights=Placement(x["wg"], x["wc"]), cache=Placement(x["cg"], x["cc"]),
-                                  activations=Placement(x["hg"], x["hc"])))
+    t = terms(hw, model, work, shape, assume_offload=True)
+    solution = lp.solve(t, hw)
+    solutions = [(solution, None)] if solution is not None else []
+    if solution is not None and levels is not None:
+        solutions = []
+        for wg, wc in _level_choices(solution, levels):
+            fixed = {"wg": wg, "wc": wc, "wd": max(0.0, 1.0 - wg - wc)}
+            same = all(abs(solution[k] - v) < 1e-9 for k, v in fixed.items())
+            again = solution if same else lp.solve(t, hw, fixed)
+            if again is not None:
+                solutions.append((again, Placement(wg, wc)))
+    for found, weights in solutions:
+        for snap in (round, math.floor):
+            x = _rounded(found, snap)
+            candidates.append(replace(shape, weights=weights or Placement(x["wg"], x["wc"]),
+                                      cache=Placement(x["cg"], x["cc"]), activations=Placement(x["hg"], x["hc"])))
     best = None
     for policy in candidates:
         p = predict(hw, model, work, policy)
         if all(p.fits(hw).values()) and p.throughput > 0 and (best is None or p.throughput > best.throughput):
             best = p
     return best
+
+
+def _level_choices(x: dict[str, float], levels: list[float]) -> list[tuple[float, float]]:
+    """(device, host) weight fractions at the levels on either side of the solution's device and
+    device + host fractions."""
+
+    def around(v: float) -> set[float]:
+        return {max((lv for lv in levels if lv <= v + 1e-9), default=0.0),
+                min((lv for lv in levels if lv >= v - 1e-9), default=1.0)}
+
+    return sorted({(g, m - g) for g in around(x["wg"]) for m in around(x["wg"] + x["wc"]) if m >= g})
 
 
 def _binding(hw: HardwareSpec, p: Prediction) -> str:
@@ -152,17 +184,19 @@ class _LP:
         x = cp.Variable(nv, nonneg=True)
         peak = cp.Variable(2)  # the largest term of each phase
         P = {name: cp.Parameter(shape, name=name) for name, shape in (
-            ("A", (2 * k, nv)), ("a", 2 * k), ("M", (6, nv)), ("m", 6), ("zero", nv), ("hide", 2), ("lin", nv))}
+            ("A", (2 * k, nv)), ("a", 2 * k), ("M", (6, nv)), ("m", 6), ("zero", nv), ("hide", 2), ("lin", nv),
+            ("lo", nv), ("hi", nv))}
         cons = [x[0:3].sum() == 1, x[3:6].sum() == 1, x[6:9].sum() == 1, cp.multiply(P["zero"], x) == 0,
-                P["M"] @ x <= P["m"]]
+                P["M"] @ x <= P["m"], x >= P["lo"], x <= P["hi"]]
         rows = P["A"] @ x + P["a"]
         cons += [peak[i] >= rows[i * k:(i + 1) * k] for i in range(2)]
         # steps * (ov * max + (1 - ov) * sum): the max through `peak`, the sum folded into `lin` (DPP)
         prob = cp.Problem(cp.Minimize(P["hide"] @ peak + P["lin"] @ x), cons)
         return prob, x, P
 
-    def solve(self, t: CostTerms, hw: HardwareSpec) -> dict[str, float] | None:
-        """Fractions minimizing the block time under the memory limits, or None when infeasible."""
+    def solve(self, t: CostTerms, hw: HardwareSpec, fixed: dict[str, float] | None = None) -> dict[str, float] | None:
+        """Fractions minimizing the block time under the memory limits (with the `fixed` ones as given), or
+        None when infeasible."""
         import cvxpy as cp
         import numpy as np
 
@@ -187,6 +221,9 @@ class _LP:
         P["M"].value = np.array([lin.coef for lin in mem]) / _GiB
         P["m"].value = np.array([(caps[tier] - lin.const) / _GiB for lin, tier in zip(mem, TIERS * 2)])
         P["zero"].value = np.array(zero)
+        fixed = fixed or {}
+        P["lo"].value = np.array([fixed.get(v, 0.0) for v in VARS])
+        P["hi"].value = np.array([fixed.get(v, 1.0) for v in VARS])
         steps = np.array([t.layers, t.layers * (t.gen_len - 1)], dtype=float)
         P["hide"].value = steps * t.overlap
         sums = np.array(A).reshape(2, len(names), -1).sum(1)  # (phase, var): each phase's terms added up

@@ -1,7 +1,8 @@
 """Weights over tiers, and per-layer materialization in the compute dtype on the compute device.
 
 Placement inside each layer follows the cumulative size of its weights (FlexGen's `get_choice`), so a
-30/50/20 policy puts about 30/50/20 % of the bytes on device/host/disk. In-memory weights are read from
+30/50/20 policy puts about 30/50/20 % of the bytes on device/host/disk, except that the embedding tables
+and the head never go to disk (`WeightSpec.in_memory`; FlexGen places them by the rule). In-memory weights are read from
 the checkpoint one tensor at a time straight into their final storage (fused q/k/v into one tensor).
 Disk weights are read in place from safetensors files, or from prepared files in the offload folder,
 by background threads into two alternating staging slots (layer i+1 loads while layer i computes).
@@ -55,11 +56,13 @@ def packed_size(spec: WeightSpec, codec: WeightCodec | None) -> int:
     return codec.nbytes(spec.shape)
 
 
-def assign_tiers(specs: list[WeightSpec], sizes: list[int], placement: Placement) -> list[Tier]:
-    """Tier of each weight of a layer by the middle of its bytes in the layer's cumulative size."""
+def assign_tiers(specs: list[WeightSpec], sizes: list[int], placement: Placement, ram: Tier) -> list[Tier]:
+    """Tier of each weight of a layer by the middle of its bytes in the layer's cumulative size; a weight
+    kept `in_memory` goes to `ram` (the memory tier next to the disk) where that says disk."""
     total, seen, tiers = max(1, sum(sizes)), 0, []
-    for size in sizes:
-        tiers.append(placement.choose((seen + size / 2) / total))
+    for spec, size in zip(specs, sizes):
+        tier = placement.choose((seen + size / 2) / total)
+        tiers.append(ram if spec.in_memory and tier == Tier.DISK else tier)
         seen += size
     return tiers
 
@@ -78,12 +81,13 @@ class WeightStore:
         self.lookups: list[set[str]] = []  # per layer, the tables fetched in their stored dtype
         shared: dict[tuple[str, ...], _Stored] = {}  # a tied head reuses the embedding's weight
         to_prepare: dict[str, tuple[int, object]] = {}
+        ram = Tier.HOST if device.type == "cuda" else Tier.DEVICE  # on a CPU the device tier is RAM
         for layer in tqdm(layers, desc="loading weights", unit="layer", disable=not progress, leave=False):
             specs = [s for s in layer.weight_specs() if s.sources not in shared]
             file_dtype = [ckpt.dtype_of(s.sources[0]) for s in specs]
             sizes = [packed_size(s, codec) or torch.Size(s.shape).numel() * d.itemsize
                      for s, d in zip(specs, file_dtype)]
-            for spec, tier, fdt in zip(specs, assign_tiers(specs, sizes, placement), file_dtype):
+            for spec, tier, fdt in zip(specs, assign_tiers(specs, sizes, placement, ram), file_dtype):
                 shared[spec.sources] = self._place(ckpt, spec, tier, fdt, memory_dtype, to_prepare)
             self.layers.append({s.key: shared[s.sources] for s in layer.weight_specs()})
             self.lookups.append({s.key for s in layer.weight_specs() if s.lookup})
@@ -232,9 +236,10 @@ def _check_shapes(ckpt: Checkpoint, spec: WeightSpec) -> None:
                               "the weights and config.json do not belong together")
 
 
-def weight_middles(path, compress_weight=None) -> list[tuple[float, int]]:
-    """(middle of the tensor's bytes as a fraction of its layer's, stored bytes) of every weight of the
-    checkpoint at `path`, as `WeightStore` places them (a tied weight once, with its first layer)."""
+def weight_middles(path, compress_weight=None) -> list[tuple[float, int, bool]]:
+    """(middle of the tensor's bytes as a fraction of its layer's, stored bytes, kept in memory whatever the
+    placement) of every weight of the checkpoint at `path`, as `WeightStore` places them (a tied weight once,
+    with its first layer)."""
     from runtime.families import get_family
 
     codec = WeightCodec(compress_weight, torch.device("cpu")) if compress_weight else None
@@ -246,28 +251,51 @@ def weight_middles(path, compress_weight=None) -> list[tuple[float, int]]:
         sizes = [packed_size(s, codec) or torch.Size(s.shape).numel() * ckpt.dtype_of(s.sources[0]).itemsize
                  for s in specs]
         done = 0
-        for size in sizes:
-            middles.append(((done + size / 2) / max(1, sum(sizes)), size))
+        for spec, size in zip(specs, sizes):
+            middles.append(((done + size / 2) / max(1, sum(sizes)), size, spec.in_memory))
             done += size
     ckpt.close()
     return middles
 
 
-def fit_fraction(path, budget: int | None = None, compress_weight=None, fraction: float | None = None) -> float:
-    """The largest weights fraction whose resident bytes stay within `budget` (or within `fraction` of all
-    weight bytes).
+def fit_fraction(path, budget: int, compress_weight=None) -> float:
+    """The largest weights fraction whose resident bytes stay within `budget` (the weights kept in memory
+    whatever the placement count too).
 
     A tensor stays in memory when the middle of its bytes lies below the fraction of its layer's bytes
     (`assign_tiers`), so the resident bytes are a step function of the fraction: budget / total can
     overshoot by a whole tensor per layer.
     """
     middles = weight_middles(path, compress_weight)
-    total = sum(size for _, size in middles)
-    if budget is None:
-        budget = fraction * total
-    fraction, resident = budget / total, 0
-    for middle, size in sorted(middles):
-        if middle >= fraction or resident + size > budget:
-            return min(fraction, middle)  # every tensor whose middle lies below this one stays in memory
+    resident = sum(size for _, size, kept in middles if kept)
+    for middle, size, kept in sorted(middles):
+        if kept:
+            continue
+        if resident + size > budget:
+            return middle  # every tensor whose middle lies below this one stays in memory
         resident += size
-    return fraction
+    return 1.0
+
+
+def weight_levels(spec, compress_weight=None) -> list[float]:
+    """The weight fractions the runtime realises as the cost model reads them: the boundaries between the
+    tensors of a decoder layer in its cumulative bytes (`assign_tiers`), from 0 to 1. At a boundary f every
+    tensor below it is resident and none above, so f of each layer's bytes is; between two boundaries the
+    runtime keeps the lower one's bytes plus the tensors whose middle lies below, more than f when the
+    tensors are large (opt-1.3b: at 0.12 nothing, the next boundary is q/k/v at 0.25). From `spec`: no
+    checkpoint needed. Layers other than the most common kind (embedding, head) are ignored."""
+    from collections import Counter
+    from itertools import accumulate
+
+    from runtime.families import get_family
+
+    codec = WeightCodec(compress_weight, torch.device("cpu")) if compress_weight else None
+    itemsize = getattr(torch, spec.torch_dtype).itemsize
+    kinds: Counter = Counter()
+    for layer in get_family(spec.family).build_layers(spec):
+        sizes = [packed_size(s, codec) or torch.Size(s.shape).numel() * itemsize for s in layer.weight_specs()
+                 if not s.in_memory]
+        if sum(sizes):
+            kinds[tuple(done / sum(sizes) for done in accumulate(sizes))] += 1
+    bounds = kinds.most_common(1)[0][0] if kinds else ()
+    return sorted({0.0, *bounds, 1.0})

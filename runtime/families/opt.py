@@ -49,9 +49,10 @@ class Embedding:
 
     def weight_specs(self) -> list[WeightSpec]:
         s = self.spec
-        specs = [WeightSpec("tokens", (s.vocab_size, s.embed_dim), (_PREFIX + "embed_tokens.weight",), lookup=True),
+        specs = [WeightSpec("tokens", (s.vocab_size, s.embed_dim), (_PREFIX + "embed_tokens.weight",), lookup=True,
+                            in_memory=True),
                  WeightSpec("positions", (s.max_positions + s.position_offset, s.hidden_size),
-                            (_PREFIX + "embed_positions.weight",), lookup=True)]
+                            (_PREFIX + "embed_positions.weight",), lookup=True, in_memory=True)]
         if s.embed_dim != s.hidden_size:
             specs.append(WeightSpec("project_in", (s.hidden_size, s.embed_dim), (_PREFIX + "project_in.weight",)))
         return specs
@@ -131,7 +132,7 @@ class Head:
             specs.append(WeightSpec("project_out", (s.embed_dim, s.hidden_size), (_PREFIX + "project_out.weight",)))
         # A tied head names the embedding's tensor: the weight store keeps one copy for both layers.
         source = _PREFIX + "embed_tokens.weight" if s.tied_embeddings else "lm_head.weight"
-        return specs + [WeightSpec("lm_head", (s.vocab_size, s.embed_dim), (source,))]
+        return specs + [WeightSpec("lm_head", (s.vocab_size, s.embed_dim), (source,), in_memory=True)]
 
     def forward(self, w, x, ctx: StepContext, cache=None):
         if ctx.logit_positions is not None:

@@ -106,18 +106,26 @@ def test_profile_writes_a_spec_and_fit_calibrates_it(tmp_path, monkeypatch, caps
     assert calibrated.calibration.compute > 0 and calibrated.calibration.call_overhead_s >= 0
 
 
-def test_planned_weight_fractions_snap_to_whole_tensors(tiny_opt):
-    from harness.auto_policy import as_placed, model_spec
+def test_planned_weight_fractions_are_what_the_runtime_keeps(tiny_opt, tmp_path):
+    """At each level `weight_levels` gives, the runtime keeps the bytes the cost model counts: that fraction of
+    the weights, and the tables (kept in memory whatever the placement) in full."""
+    from harness.auto_policy import model_spec
     from runtime import Engine
-    from runtime.cost_model import Workload, predict
     from runtime.policy import Placement, Policy
-    from runtime.policy_search import Plan
+    from runtime.weights import weight_levels
 
     path, _ = tiny_opt("pre")
-    hw, spec, work = cpu_hardware(), model_spec(path), Workload(8, 4, 2)
-    lp = Policy(device="cpu", weights=Placement(0.97, 0.0))
-    placed = as_placed(Plan(lp, predict(hw, spec, work, lp), "none", 1, {}), path, hw, spec, work)
-    assert placed.policy.weights.device <= 0.97
-    tiers = Engine(path, placed.policy).weights.bytes_by_tier()
-    assert tiers["device"] <= 0.97 * sum(tiers.values())  # at 0.97 itself the runtime would keep more
-    assert Engine(path, lp).weights.bytes_by_tier()["device"] > 0.97 * sum(tiers.values())
+    spec = model_spec(path)
+    levels = weight_levels(spec)
+    assert levels[0] == 0.0 and levels[-1] == 1.0 and len(levels) > 4  # the boundaries inside a layer
+    import torch
+
+    rows = spec.vocab_size * spec.embed_dim + (spec.max_positions + spec.position_offset) * spec.hidden_size
+    tables = getattr(torch, spec.torch_dtype).itemsize * rows
+    for f in levels:
+        policy = Policy(device="cpu", weights=Placement(f, 0.0), weight_format="checkpoint")
+        engine = Engine(path, policy, offload_dir=tmp_path)
+        tiers = engine.weights.bytes_by_tier()
+        total = sum(tiers.values())
+        assert tiers["device"] == pytest.approx(f * total + (1 - f) * tables, rel=0.02, abs=64), f
+        engine.close()

@@ -30,10 +30,14 @@ def test_disk_weights_cost_their_bytes_at_the_disk_bandwidth():
     hw, model = hardware(), opt("1.3b")
     half = predict(hw, model, WORK, Policy(gpu_batch_size=32, weights=Placement(0.5, 0.0)))
     full = predict(hw, model, WORK, Policy(gpu_batch_size=32, weights=Placement(0.0, 0.0)))
-    per_layer = 2 * model.num_parameters() / model.num_layers  # fp16 bytes of an average layer
+    tables = model.vocab_size * model.embed_dim + (model.max_positions + model.position_offset) * model.hidden_size
+    per_layer = 2 * (model.num_parameters() - tables) / model.num_layers  # fp16 bytes of an average layer
     assert full.terms["decode"]["disk_read"] == pytest.approx(per_layer / hw.disk_to_host, rel=1e-6)
     assert half.terms["decode"]["disk_read"] == pytest.approx(full.terms["decode"]["disk_read"] / 2)
     assert full.memory["disk"] > half.memory["disk"] > 0 and full.bottleneck == "decode: disk_read"
+    # the tied embedding table (and the positions) stay in host RAM where the placement says disk
+    assert full.memory["disk"] == pytest.approx(per_layer * model.num_layers)
+    assert full.memory["host"] > 2 * tables
 
 
 def test_overlap_takes_the_max_and_no_overlap_the_sum():

@@ -50,6 +50,17 @@ def test_more_memory_never_predicts_lower_throughput():
             last = tput
 
 
+def test_weight_fractions_land_on_the_levels_the_runtime_realises():
+    """Whole tensors: only some fractions are what they say. The plan moves to a level and re-solves the rest."""
+    hw, model, work = cpu_hardware(device_mem=int(2.5 * GiB)), opt("1.3b"), Workload(32, 32, 16)
+    free = search(hw, model, work, Policy(device="cpu"))
+    assert not any(abs(free.policy.weights.device - lv) < 1e-3 for lv in (0.0, 0.25, 0.5, 1.0))
+    levels = [0.0, 0.25, 0.5, 1.0]
+    plan = search(hw, model, work, Policy(device="cpu"), weight_levels=lambda q: levels)
+    assert plan.policy.weights.device in levels and all(plan.prediction.fits(hw).values())
+    assert plan.prediction.throughput <= free.prediction.throughput * (1 + 1e-6)  # fewer choices, no better
+
+
 def test_plan_fits_every_tier_and_predicts_what_predict_says():
     hw = cpu_hardware(device_mem=6 * GiB)
     plan = search(hw, opt("1.3b"), Workload(32, 32, 64), Policy(device="cpu"))
