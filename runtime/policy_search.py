@@ -132,19 +132,16 @@ def _best_for_shape(hw, model, work, shape: Policy, lp: _LP, levels: list[float]
     candidates = [replace(shape, weights=Placement(), cache=Placement(), activations=Placement())]
     t = terms(hw, model, work, shape, assume_offload=True)
     solution = lp.solve(t, hw)
-    solutions = [(solution, None)] if solution is not None else []
-    if solution is not None and levels is not None:
+    if solution is None:
         solutions = []
-        for wg, wc in _level_choices(solution, levels):
-            fixed = {"wg": wg, "wc": wc, "wd": max(0.0, 1.0 - wg - wc)}
-            same = all(abs(solution[k] - v) < 1e-9 for k, v in fixed.items())
-            again = solution if same else lp.solve(t, hw, fixed)
-            if again is not None:
-                solutions.append((again, Placement(wg, wc)))
+    elif levels is None:  # (fractions, weights placement): None rounds the solution's weights like the rest
+        solutions = [(solution, None)]
+    else:
+        solutions = _at_levels(t, hw, lp, solution, levels)
     for found, weights in solutions:
         for snap in (round, math.floor):
             x = _rounded(found, snap)
-            candidates.append(replace(shape, weights=weights or Placement(x["wg"], x["wc"]),
+            candidates.append(replace(shape, weights=Placement(x["wg"], x["wc"]) if weights is None else weights,
                                       cache=Placement(x["cg"], x["cc"]), activations=Placement(x["hg"], x["hc"])))
     best = None
     for policy in candidates:
@@ -154,15 +151,22 @@ def _best_for_shape(hw, model, work, shape: Policy, lp: _LP, levels: list[float]
     return best
 
 
-def _level_choices(x: dict[str, float], levels: list[float]) -> list[tuple[float, float]]:
-    """(device, host) weight fractions at the levels on either side of the solution's device and
-    device + host fractions."""
+def _at_levels(t: CostTerms, hw: HardwareSpec, lp: _LP, x: dict[str, float], levels: list[float]) -> list:
+    """(fractions, weights placement) with the weights at the levels on either side of the solution's device
+    and device + host fractions, the LP solved again for the rest (the solution itself where it is on them)."""
 
     def around(v: float) -> set[float]:
         return {max((lv for lv in levels if lv <= v + 1e-9), default=0.0),
                 min((lv for lv in levels if lv >= v - 1e-9), default=1.0)}
 
-    return sorted({(g, m - g) for g in around(x["wg"]) for m in around(x["wg"] + x["wc"]) if m >= g})
+    out = []
+    for wg, wc in sorted({(g, m - g) for g in around(x["wg"]) for m in around(x["wg"] + x["wc"]) if m >= g}):
+        fixed = {"wg": wg, "wc": wc, "wd": max(0.0, 1.0 - wg - wc)}
+        same = all(abs(x[k] - v) < 1e-9 for k, v in fixed.items())
+        again = x if same else lp.solve(t, hw, fixed)
+        if again is not None:
+            out.append((again, Placement(wg, wc)))
+    return out
 
 
 def _binding(hw: HardwareSpec, p: Prediction) -> str:

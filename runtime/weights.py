@@ -56,6 +56,11 @@ def packed_size(spec: WeightSpec, codec: WeightCodec | None) -> int:
     return codec.nbytes(spec.shape)
 
 
+def stored_size(spec: WeightSpec, codec: WeightCodec | None, dtype: torch.dtype) -> int:
+    """Bytes of `spec` as stored: packed when compressed, else in `dtype` (its checkpoint tensors')."""
+    return packed_size(spec, codec) or torch.Size(spec.shape).numel() * dtype.itemsize
+
+
 def assign_tiers(specs: list[WeightSpec], sizes: list[int], placement: Placement, ram: Tier) -> list[Tier]:
     """Tier of each weight of a layer by the middle of its bytes in the layer's cumulative size; a weight
     kept `in_memory` goes to `ram` (the memory tier next to the disk) where that says disk."""
@@ -85,8 +90,7 @@ class WeightStore:
         for layer in tqdm(layers, desc="loading weights", unit="layer", disable=not progress, leave=False):
             specs = [s for s in layer.weight_specs() if s.sources not in shared]
             file_dtype = [ckpt.dtype_of(s.sources[0]) for s in specs]
-            sizes = [packed_size(s, codec) or torch.Size(s.shape).numel() * d.itemsize
-                     for s, d in zip(specs, file_dtype)]
+            sizes = [stored_size(s, codec, d) for s, d in zip(specs, file_dtype)]
             for spec, tier, fdt in zip(specs, assign_tiers(specs, sizes, placement, ram), file_dtype):
                 shared[spec.sources] = self._place(ckpt, spec, tier, fdt, memory_dtype, to_prepare)
             self.layers.append({s.key: shared[s.sources] for s in layer.weight_specs()})
@@ -248,8 +252,7 @@ def weight_middles(path, compress_weight=None) -> list[tuple[float, int, bool]]:
     for layer in get_family(ckpt.spec.family).build_layers(ckpt.spec):
         specs = [s for s in layer.weight_specs() if s.sources not in seen]
         seen.update(s.sources for s in specs)
-        sizes = [packed_size(s, codec) or torch.Size(s.shape).numel() * ckpt.dtype_of(s.sources[0]).itemsize
-                 for s in specs]
+        sizes = [stored_size(s, codec, ckpt.dtype_of(s.sources[0])) for s in specs]
         done = 0
         for spec, size in zip(specs, sizes):
             middles.append(((done + size / 2) / max(1, sum(sizes)), size, spec.in_memory))
@@ -283,18 +286,18 @@ def weight_levels(spec, compress_weight=None) -> list[float]:
     tensor below it is resident and none above, so f of each layer's bytes is; between two boundaries the
     runtime keeps the lower one's bytes plus the tensors whose middle lies below, more than f when the
     tensors are large (opt-1.3b: at 0.12 nothing, the next boundary is q/k/v at 0.25). From `spec`: no
-    checkpoint needed. Layers other than the most common kind (embedding, head) are ignored."""
+    checkpoint needed. Layers other than the most common kind (embedding, head) are ignored; each layer's
+    tensors are taken as `assign_tiers` takes them, kept ones included."""
     from collections import Counter
     from itertools import accumulate
 
     from runtime.families import get_family
 
     codec = WeightCodec(compress_weight, torch.device("cpu")) if compress_weight else None
-    itemsize = getattr(torch, spec.torch_dtype).itemsize
+    dtype = getattr(torch, spec.torch_dtype)
     kinds: Counter = Counter()
     for layer in get_family(spec.family).build_layers(spec):
-        sizes = [packed_size(s, codec) or torch.Size(s.shape).numel() * itemsize for s in layer.weight_specs()
-                 if not s.in_memory]
+        sizes = [stored_size(s, codec, dtype) for s in layer.weight_specs()]
         if sum(sizes):
             kinds[tuple(done / sum(sizes) for done in accumulate(sizes))] += 1
     bounds = kinds.most_common(1)[0][0] if kinds else ()

@@ -32,7 +32,7 @@ class Workload:
     quick: bool = False
     """The smoke-test variant (`shrink`): optional baselines may be skipped."""
     setups: tuple[str, ...] = ()
-    """W4: the setups to measure (W1c, W2); empty: all. Each takes about an hour on 2 cores, so they can be
+    """W4: the setups to measure (W1c, W2); empty: all. Each takes 40-50 minutes on 2 cores, so they can be
     measured in separate sittings of an idle machine."""
 
     def shrink(self) -> Workload:

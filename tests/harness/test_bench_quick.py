@@ -38,7 +38,7 @@ def test_unknown_workload_lists_known_names():
 
 
 def test_w4_measures_one_setup_alone(tmp_path, monkeypatch, capsys):
-    """`flexhelm bench W4 --setup W2`: one half of W4 (each is about an hour on 2 cores), its own CSV."""
+    """`flexhelm bench W4 --setup W2`: one half of W4 (each takes 40-50 minutes on 2 cores), its own CSV."""
     monkeypatch.setenv("FLEXHELM_CACHE", str(tmp_path / "cache"))
     summary = run("W4", out_dir=tmp_path / "out", quick=True, setups=("W2",))
     assert re.fullmatch(r"W4-W2 auto/best=(\d+\.\d\d|n/a) median_abs_pred_err=\d+\.\d\d", summary)

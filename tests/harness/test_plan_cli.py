@@ -8,7 +8,7 @@ import pytest
 
 from harness.auto_policy import parse_size
 from harness.cli import main
-from tests.runtime.cost_fixtures import GiB, cpu_hardware
+from tests.runtime.cost_fixtures import GiB, cpu_hardware, table_params
 
 OPT_175B = {"model_type": "opt", "hidden_size": 12288, "num_hidden_layers": 96, "num_attention_heads": 96,
             "ffn_dim": 49152, "vocab_size": 50272, "max_position_embeddings": 2048, "torch_dtype": "float16"}
@@ -120,8 +120,7 @@ def test_planned_weight_fractions_are_what_the_runtime_keeps(tiny_opt, tmp_path)
     assert levels[0] == 0.0 and levels[-1] == 1.0 and len(levels) > 4  # the boundaries inside a layer
     import torch
 
-    rows = spec.vocab_size * spec.embed_dim + (spec.max_positions + spec.position_offset) * spec.hidden_size
-    tables = getattr(torch, spec.torch_dtype).itemsize * rows
+    tables = getattr(torch, spec.torch_dtype).itemsize * table_params(spec)
     for f in levels:
         policy = Policy(device="cpu", weights=Placement(f, 0.0), weight_format="checkpoint")
         engine = Engine(path, policy, offload_dir=tmp_path)

@@ -34,3 +34,9 @@ def opt(name: str = "1.3b", dtype: str = "float16"):
                         "30b": (7168, 48, 56), "175b": (12288, 96, 96)}[name]
     return spec_from_config(dict(model_type="opt", hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
                                  ffn_dim=4 * h, vocab_size=50272, max_position_embeddings=2048, torch_dtype=dtype))
+
+
+def table_params(spec) -> int:
+    """Parameters of the embedding tables (tokens and learned positions), which stay in memory whatever the
+    placement (a tied head shares the token table)."""
+    return spec.vocab_size * spec.embed_dim + (spec.max_positions + spec.position_offset) * spec.hidden_size

@@ -11,7 +11,7 @@ import pytest
 from runtime.cost_model import Workload, predict
 from runtime.hardware import HardwareError, HardwareSpec, machine_key
 from runtime.policy import Placement, Policy, QuantConfig
-from tests.runtime.cost_fixtures import G, GiB, cpu_hardware, hardware, opt
+from tests.runtime.cost_fixtures import G, GiB, cpu_hardware, hardware, opt, table_params
 
 WORK = Workload(prompt_len=64, gen_len=16, num_seqs=32)
 
@@ -30,7 +30,7 @@ def test_disk_weights_cost_their_bytes_at_the_disk_bandwidth():
     hw, model = hardware(), opt("1.3b")
     half = predict(hw, model, WORK, Policy(gpu_batch_size=32, weights=Placement(0.5, 0.0)))
     full = predict(hw, model, WORK, Policy(gpu_batch_size=32, weights=Placement(0.0, 0.0)))
-    tables = model.vocab_size * model.embed_dim + (model.max_positions + model.position_offset) * model.hidden_size
+    tables = table_params(model)
     per_layer = 2 * (model.num_parameters() - tables) / model.num_layers  # fp16 bytes of an average layer
     assert full.terms["decode"]["disk_read"] == pytest.approx(per_layer / hw.disk_to_host, rel=1e-6)
     assert half.terms["decode"]["disk_read"] == pytest.approx(full.terms["decode"]["disk_read"] / 2)

@@ -11,6 +11,7 @@ from runtime import Engine, Policy
 from runtime.disk import OffloadError
 from runtime.offload import OffloadDir
 from runtime.policy import Placement, Tier
+from tests.runtime.cost_fixtures import table_params
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [3] * 9, [20, 21, 22, 23, 24], [30, 31, 32]]
 PLACEMENTS = {
@@ -68,7 +69,7 @@ def test_tables_and_head_stay_in_memory_when_the_weights_go_to_disk(tiny_opt, tm
     path, _ = tiny_opt("pre")
     engine = Engine(path, Policy(weights=Placement(0, 0)), offload_dir=tmp_path)
     spec = engine.spec
-    tables = 4 * (spec.vocab_size * spec.embed_dim + (spec.max_positions + spec.position_offset) * spec.hidden_size)
+    tables = 4 * table_params(spec)
     assert engine.weights.bytes_by_tier()["device"] == tables  # fp32 in RAM, the CPU's device tier
     engine.generate(PROMPTS[:2], 3)
     staged = [tuple(buf.shape) for buf in engine.weights._staging.values()]
