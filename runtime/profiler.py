@@ -102,10 +102,10 @@ def convert_rate(nbytes: int = 64 * 2**20) -> float:
 def disk_rates(folder: Path, nbytes: int = _DISK_BYTES) -> tuple[float, float]:
     """(read, write) bytes/s of `DiskIO` on a scratch file in `folder`; the write counts its fsync and the
     read starts with the file's pages evicted."""
-    from runtime.disk import DiskIO, Region
+    from runtime.disk import DiskIO, Region, aligned_empty
 
     folder.mkdir(parents=True, exist_ok=True)
-    buf = torch.ones(nbytes, dtype=torch.uint8)
+    buf = aligned_empty(nbytes).fill_(1)  # aligned: reads bypass the page cache with O_DIRECT, as the weights' do
     io = DiskIO()
     with tempfile.NamedTemporaryFile(dir=folder, prefix="profile-", suffix=".bin") as f:
         path = Path(f.name)

@@ -1,0 +1,105 @@
+"""DiskIO: reads past the page cache at any offset, and the fallbacks where O_DIRECT is refused."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+
+from runtime.disk import ALIGN, DiskIO, OffloadError, Region, aligned_empty, span_capacity
+
+# Regions at awkward places: unaligned start, a span crossing blocks, one ending at the file's last byte.
+SIZE = 5 * ALIGN + 123
+REGIONS = [(1, 10), (ALIGN - 6, 2 * ALIGN + 17), (3 * ALIGN, ALIGN), (SIZE - 301, 301), (0, SIZE)]
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    data = os.urandom(SIZE)
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    return path, data
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """Flags of every os.open, optionally refusing O_DIRECT as tmpfs does."""
+    calls, real = [], os.open
+
+    def fake(path, flags, *args):
+        calls.append(flags)
+        if flags & os.O_DIRECT and opened.refuse:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(path, flags, *args)
+
+    def opened(refuse: bool = False):
+        opened.refuse = refuse
+        monkeypatch.setattr(os, "open", fake)
+        return calls
+
+    return opened
+
+
+def _read_spans(path, regions):
+    io = DiskIO()
+    try:
+        rs = [Region(path, off, n) for off, n in regions]
+        raw = aligned_empty(span_capacity(rs))
+        pending, parts = io.read_spans(rs, raw)
+        pending.wait()
+        return [bytes(p.numpy()) for p in parts], io.bytes_read
+    finally:
+        io.close()
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_read_spans_returns_exact_bytes_at_any_offset(data_file, opened, refuse):
+    path, data = data_file
+    flags = opened(refuse)
+    got, nread = _read_spans(path, REGIONS)
+    assert got == [data[off:off + n] for off, n in REGIONS]
+    assert any(f & os.O_DIRECT for f in flags)  # tried first
+    assert any(not f & os.O_DIRECT for f in flags) == refuse  # buffered only where refused
+    assert nread >= sum(n for _, n in REGIONS)  # whole blocks, counted as read
+
+
+def test_read_falls_back_to_buffered_when_the_block_size_is_larger(data_file, monkeypatch):
+    """O_DIRECT opened, but a read is refused (EINVAL): that read is done buffered."""
+    path, data = data_file
+    real = os.preadv
+    direct_fds = set()
+    real_open = os.open
+
+    def fake_open(p, flags, *args):
+        fd = real_open(p, flags, *args)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        return fd
+
+    def fake_preadv(fd, bufs, offset):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "preadv", fake_preadv)
+    got, _ = _read_spans(path, REGIONS)
+    assert direct_fds and got == [data[off:off + n] for off, n in REGIONS]
+
+
+def test_read_into_unaligned_tensor_and_truncation(data_file):
+    path, data = data_file
+    io = DiskIO()
+    try:
+        out = torch.empty(SIZE - 107, dtype=torch.uint8)
+        io.read([Region(path, 3, 100), Region(path, 200, SIZE - 207)], out).wait()
+        assert bytes(out.numpy()) == data[3:103] + data[200:SIZE - 7]
+        rs = [Region(path, ALIGN - 6, SIZE)]  # runs past the end of the file
+        with pytest.raises(OffloadError, match="truncated"):
+            io.read_spans(rs, aligned_empty(span_capacity(rs)))[0].wait()
+        with pytest.raises(ValueError, match="aligned_empty"):
+            io.read_spans(rs, aligned_empty(span_capacity(rs))[1:])
+    finally:
+        io.close()
