@@ -24,14 +24,14 @@ def run_layers(layers: list[Layer], weights: WeightStore, acts: Activations, con
     last = len(layers) - 1
     nb = len(contexts)
     for i, layer in enumerate(run):
-        w = weights.fetch(i)
-        if overlap:
-            for ahead in range(1, weights.depth + 1):  # read the next layers' weights while this one computes
+        if overlap:  # read the next layers' weights while this one converts and computes
+            for ahead in range(1, weights.depth + 1):
                 nxt = i + ahead
                 if nxt < len(run):
                     weights.prefetch(nxt)
                 elif i == last:  # the head computes: the next step starts again at layer 0
                     weights.prefetch(nxt - len(layers))
+        w = weights.fetch(i)  # after the prefetch: the disk must not idle while layer i converts
         for k, ctx in enumerate(contexts):
             if overlap:
                 _prefetch_next(i, k, nb, run, acts, contexts, caches)
