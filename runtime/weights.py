@@ -13,7 +13,9 @@ tensor ~3 GB/s (page faults).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from tqdm.auto import tqdm
@@ -25,6 +27,8 @@ from runtime.errors import CheckpointError
 from runtime.layers import Layer, WeightSpec
 from runtime.offload import OffloadDir
 from runtime.policy import Placement, Tier
+
+_EPS = 1e-6  # float slack when comparing fractions of a layer's bytes (its smallest tensor is ~1e-5)
 
 
 @dataclass
@@ -62,15 +66,63 @@ def stored_size(spec: WeightSpec, codec: WeightCodec | None, dtype: torch.dtype)
     return packed_size(spec, codec) or torch.Size(spec.shape).numel() * dtype.itemsize
 
 
-def assign_tiers(specs: list[WeightSpec], sizes: list[int], placement: Placement, ram: Tier) -> list[Tier]:
-    """Tier of each weight of a layer by the middle of its bytes in the layer's cumulative size; a weight
-    kept `in_memory` goes to `ram` (the memory tier next to the disk) where that says disk."""
-    total, seen, tiers = max(1, sum(sizes)), 0, []
-    for spec, size in zip(specs, sizes):
-        tier = placement.choose((seen + size / 2) / total)
+def layer_weights(ckpt: Checkpoint, layers: list[Layer], codec: WeightCodec | None) -> list[tuple[list, list, list]]:
+    """Per layer: the weights `WeightStore` places with it (a tied weight once, with its first layer), their
+    stored bytes and their checkpoint dtypes; from the checkpoint's headers only."""
+    seen, out = set(), []
+    for layer in layers:
+        specs = [s for s in layer.weight_specs() if s.sources not in seen]
+        seen.update(s.sources for s in specs)
+        dtypes = [ckpt.dtype_of(s.sources[0]) for s in specs]
+        out.append((specs, [stored_size(s, codec, d) for s, d in zip(specs, dtypes)], dtypes))
+    return out
+
+
+def layer_ranks(sizes: list[list[int]]) -> list[float]:
+    """Each layer's rank in (0, 1) among the layers of its kind (the same weight sizes): (i * p mod n + 0.5) / n
+    for the i-th of n, with p coprime to n near 0.62 n, so that the layers ranked below any share are spread
+    along the model rather than bunched at its start (their reads then alternate with bigger ones)."""
+    kinds: dict[tuple, list[int]] = {}
+    for j, layer_sizes in enumerate(sizes):
+        kinds.setdefault(tuple(layer_sizes), []).append(j)
+    ranks = [0.5] * len(sizes)
+    for members in kinds.values():
+        n = len(members)
+        p = next(q for q in sorted(range(1, n + 1), key=lambda q: abs(q - 0.618 * n)) if math.gcd(q, n) == 1)
+        for i, j in enumerate(members):
+            ranks[j] = (i * p % n + 0.5) / n
+    return ranks
+
+
+def assign_tiers(specs: list[WeightSpec], sizes: list[int], placement: Placement, ram: Tier,
+                 rank: float = 0.5) -> list[Tier]:
+    """Tier of each weight of a layer of `rank` (`layer_ranks`): device below the placement's first cut in the
+    layer's cumulative bytes, host below the second, disk above; a weight kept `in_memory` goes to `ram` (the
+    memory tier next to the disk) where that says disk.
+
+    Whole tensors move, so a cut falls on a boundary between two tensors: on the upper one in the layers ranked
+    below s (where the cut lies between the two, 0 to 1), on the lower one in the others. Of n layers of a kind,
+    round(n * s) keep the tensor: over the model each tier holds its fraction of the bytes within a tensor, and
+    exactly at `weight_levels`. A layer alone of its kind (embedding, head) has rank 0.5: a tensor goes where
+    its middle lies, FlexGen's rule (`get_choice`), which is the same in every layer and so realises other
+    fractions than it is given (opt-1.3b: 0.125 as nothing, 0.2 as 0.25)."""
+    bounds = [0.0, *(done / max(1, sum(sizes)) for done in accumulate(sizes))]
+    low = _cut(bounds, placement.device, rank)
+    high = _cut(bounds, placement.device + placement.host, rank)
+    tiers = []
+    for spec, end in zip(specs, bounds[1:]):
+        tier = Tier.DEVICE if end <= low + _EPS else Tier.HOST if end <= high + _EPS else Tier.DISK
         tiers.append(ram if spec.in_memory and tier == Tier.DISK else tier)
-        seen += size
     return tiers
+
+
+def _cut(bounds: list[float], cut: float, rank: float) -> float:
+    """The boundary of `bounds` (ascending, 0 to 1) that a cut at `cut` falls on in a layer of `rank`: monotone
+    in `cut`, so the two cuts of a placement never cross."""
+    k = max(i for i, b in enumerate(bounds) if b <= cut + _EPS)
+    if k == len(bounds) - 1 or bounds[k] >= cut - _EPS:
+        return bounds[k]
+    return bounds[k + 1] if rank < (cut - bounds[k]) / (bounds[k + 1] - bounds[k]) else bounds[k]
 
 
 class WeightStore:
@@ -88,11 +140,11 @@ class WeightStore:
         shared: dict[tuple[str, ...], _Stored] = {}  # a tied head reuses the embedding's weight
         to_prepare: dict[str, tuple[int, object]] = {}
         ram = Tier.HOST if device.type == "cuda" else Tier.DEVICE  # on a CPU the device tier is RAM
-        for layer in tqdm(layers, desc="loading weights", unit="layer", disable=not progress, leave=False):
-            specs = [s for s in layer.weight_specs() if s.sources not in shared]
-            file_dtype = [ckpt.dtype_of(s.sources[0]) for s in specs]
-            sizes = [stored_size(s, codec, d) for s, d in zip(specs, file_dtype)]
-            for spec, tier, fdt in zip(specs, assign_tiers(specs, sizes, placement, ram), file_dtype):
+        planned = layer_weights(ckpt, layers, codec)
+        ranks = layer_ranks([sizes for _, sizes, _ in planned])
+        for layer, (specs, sizes, dtypes), rank in zip(tqdm(layers, desc="loading weights", unit="layer",
+                                                            disable=not progress, leave=False), planned, ranks):
+            for spec, tier, fdt in zip(specs, assign_tiers(specs, sizes, placement, ram, rank), dtypes):
                 shared[spec.sources] = self._place(ckpt, spec, tier, fdt, memory_dtype, to_prepare)
             self.layers.append({s.key: shared[s.sources] for s in layer.weight_specs()})
             self.lookups.append({s.key for s in layer.weight_specs() if s.lookup})
@@ -196,7 +248,10 @@ class WeightStore:
                                                           s.shape, self.compute_dtype, self.device))
                 continue
             dtype = src.dtype if key in self.lookups[index] else self.compute_dtype
-            if len(parts) == 1 and src.dtype == dtype and src.device == self.device:
+            # In place only where torch's allocator would have put it: a GEMM over a weight at another alignment
+            # differs in the last bits (oneDNN picks its kernels by alignment), which 4-bit KV quantization
+            # turns into 1e-4 differences in logits. A staged weight lies at its file offset mod 4096.
+            if len(parts) == 1 and src.dtype == dtype and src.device == self.device and src.data_ptr() % 64 == 0:
                 out[key] = src
             else:  # buffers are shared by weights of one shape and rank across layers (a tied head too)
                 buf = out[key] = self._buffer(self._compute, (s.shape, dtype, nth), s.shape, dtype, self.device)
@@ -248,56 +303,33 @@ def _check_shapes(ckpt: Checkpoint, spec: WeightSpec) -> None:
                               "the weights and config.json do not belong together")
 
 
-def weight_middles(path, compress_weight=None) -> list[tuple[float, int, bool]]:
-    """(middle of the tensor's bytes as a fraction of its layer's, stored bytes, kept in memory whatever the
-    placement) of every weight of the checkpoint at `path`, as `WeightStore` places them (a tied weight once,
-    with its first layer)."""
+def fit_fraction(path, budget: int, compress_weight=None) -> float:
+    """The largest of `weight_levels` whose resident bytes (the weights kept in memory whatever the
+    placement included) stay within `budget`, as `WeightStore` places them."""
     from runtime.families import get_family
 
     codec = WeightCodec(compress_weight, torch.device("cpu")) if compress_weight else None
     ckpt = Checkpoint(path)
-    seen, middles = set(), []
-    for layer in get_family(ckpt.spec.family).build_layers(ckpt.spec):
-        specs = [s for s in layer.weight_specs() if s.sources not in seen]
-        seen.update(s.sources for s in specs)
-        sizes = [stored_size(s, codec, ckpt.dtype_of(s.sources[0])) for s in specs]
-        done = 0
-        for spec, size in zip(specs, sizes):
-            middles.append(((done + size / 2) / max(1, sum(sizes)), size, spec.in_memory))
-            done += size
+    planned = layer_weights(ckpt, get_family(ckpt.spec.family).build_layers(ckpt.spec), codec)
     ckpt.close()
-    return middles
+    ranks = layer_ranks([sizes for _, sizes, _ in planned])
 
+    def resident(f: float) -> int:
+        return sum(size for (specs, sizes, _), rank in zip(planned, ranks)
+                   for size, tier in zip(sizes, assign_tiers(specs, sizes, Placement(f, 0.0), Tier.DEVICE, rank))
+                   if tier != Tier.DISK)
 
-def fit_fraction(path, budget: int, compress_weight=None) -> float:
-    """The largest weights fraction whose resident bytes stay within `budget` (the weights kept in memory
-    whatever the placement count too).
-
-    A tensor stays in memory when the middle of its bytes lies below the fraction of its layer's bytes
-    (`assign_tiers`), so the resident bytes are a step function of the fraction: budget / total can
-    overshoot by a whole tensor per layer.
-    """
-    middles = weight_middles(path, compress_weight)
-    resident = sum(size for _, size, kept in middles if kept)
-    for middle, size, kept in sorted(middles):
-        if kept:
-            continue
-        if resident + size > budget:
-            return middle  # every tensor whose middle lies below this one stays in memory
-        resident += size
-    return 1.0
+    return next((f for f in reversed(weight_levels(ckpt.spec, compress_weight)) if resident(f) <= budget), 0.0)
 
 
 def weight_levels(spec, compress_weight=None) -> list[float]:
-    """The weight fractions the runtime realises as the cost model reads them: the boundaries between the
-    tensors of a decoder layer in its cumulative bytes (`assign_tiers`), from 0 to 1. At a boundary f every
-    tensor below it is resident and none above, so f of each layer's bytes is; between two boundaries the
-    runtime keeps the lower one's bytes plus the tensors whose middle lies below, more than f when the
-    tensors are large (opt-1.3b: at 0.12 nothing, the next boundary is q/k/v at 0.25). From `spec`: no
-    checkpoint needed. Layers other than the most common kind (embedding, head) are ignored; each layer's
-    tensors are taken as `assign_tiers` takes them, kept ones included."""
+    """The weight fractions the runtime realises exactly, as the cost model reads them (that share of every
+    layer's bytes, over the model): with the boundaries b between the tensors of a decoder layer in its
+    cumulative bytes and n decoder layers, b_k + (b_k+1 - b_k) * m / n for m in 0..n: m of the n layers
+    keep the tensor between b_k and b_k+1 (`assign_tiers`). From `spec`: no checkpoint needed. Layers other
+    than the most common kind (embedding, head) are ignored; each layer's tensors are taken as `assign_tiers`
+    takes them, kept ones included."""
     from collections import Counter
-    from itertools import accumulate
 
     from runtime.families import get_family
 
@@ -307,6 +339,9 @@ def weight_levels(spec, compress_weight=None) -> list[float]:
     for layer in get_family(spec.family).build_layers(spec):
         sizes = [stored_size(s, codec, dtype) for s in layer.weight_specs()]
         if sum(sizes):
-            kinds[tuple(done / sum(sizes) for done in accumulate(sizes))] += 1
-    bounds = kinds.most_common(1)[0][0] if kinds else ()
-    return sorted({0.0, *bounds, 1.0})
+            kinds[(0.0, *(done / sum(sizes) for done in accumulate(sizes)))] += 1
+    if not kinds:
+        return [0.0, 1.0]
+    bounds, n = kinds.most_common(1)[0]
+    levels = {lo + (hi - lo) * m / n for lo, hi in zip(bounds, bounds[1:]) for m in range(n + 1)}
+    return sorted(levels | {0.0, 1.0})
