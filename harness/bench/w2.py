@@ -9,7 +9,8 @@ on this CPU).
   is the largest fraction whose resident bytes fit the budget (`fit_fraction`): the runtime keeps whole
   tensors, a tensor in some layers and not in others (opt-1.3b: the tables, 0.2 GiB, and the q/k/v of 12
   of the 24 layers, 0.28 GiB). The policy is the fastest of
-  overlap on/off x (batch x 1, batch/2 x 2 micro-batches), measured on a shortened output and projected
+  overlap on/off x (batch x 1, batch/2 x 2 micro-batches) x weights fraction (that, and 0: the tables only;
+  `sweep_policies`), measured on a shortened output and projected
   to the full one; that policy alone runs against the baseline.
 - Accelerate: `from_pretrained(dtype=float32, device_map=..., offload_folder=...)`. transformers 5 maps
   the offloaded weights of a safetensors checkpoint in place (nothing is written to the offload folder):
@@ -116,7 +117,7 @@ def run(w: Workload, out_dir: Path) -> str:
     ratio = median_ratio(list(zip(ours_rows, acc_rows)), lambda r: r.throughput) if acc_rows else None
     fraction_of_roof = roof.busy_s / statistics.median(r.busy_s for r in ours_rows)
     peak = statistics.median(r.peak_rss for r in ours_rows) / _GiB
-    print(f"{w.name} ours: weights fraction {fraction:.4f} -> GiB in RAM / on disk "
+    print(f"{w.name} ours: weights fraction {best.weights.device:.4f} -> GiB in RAM / on disk "
           f"{(tiers['device'] + tiers['host']) / _GiB:.3f} / {tiers['disk'] / _GiB:.3f}")
     if acc_rows:
         print(f"{w.name} accelerate: fp32 weights GiB in RAM {acc_tiers['cpu'] / _GiB:.3f}, fp16 GiB read from disk "

@@ -5,9 +5,9 @@ runs in its own worker process and memory cgroup, the model's and offload folder
 before every run. fp16: the checkpoint's fp16 weights, disk ones read in place from the safetensors
 file. 4-bit: weight matrices and the KV cache quantized group-wise (4 bits, group 64, min-max), the
 disk-resident ones prepared once in the offload folder (outside the timed runs), so each step reads
-about 0.28x the fp16 bytes; decode matmuls run in torch's fused int4 kernel. The resident fraction of
-each side is the largest whose bytes fit the budget, counted in that side's stored sizes. Each side
-runs its fastest policy of the W2 sweep; then A B pairs of full runs, median ratio of throughputs.
+about 0.28x the fp16 bytes; decode matmuls run in torch's fused int4 kernel. Each side sweeps W2's
+policies, at the largest resident fraction whose bytes fit the budget (counted in that side's stored
+sizes) and at 0, and runs its fastest; then A B pairs of full runs, median ratio of throughputs.
 """
 
 from __future__ import annotations
