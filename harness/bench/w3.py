@@ -5,9 +5,10 @@ runs in its own worker process and memory cgroup, the model's and offload folder
 before every run. fp16: the checkpoint's fp16 weights, disk ones read in place from the safetensors
 file. 4-bit: weight matrices and the KV cache quantized group-wise (4 bits, group 64, min-max), the
 disk-resident ones prepared once in the offload folder (outside the timed runs), so each step reads
-about 0.28x the fp16 bytes; decode matmuls run in torch's fused int4 kernel. Each side sweeps W2's
-policies, at the largest resident fraction whose bytes fit the budget (counted in that side's stored
-sizes) and at 0, and runs its fastest; then A B pairs of full runs, median ratio of throughputs.
+about 0.28x the fp16 bytes; decode matmuls run in torch's fused int4 kernel. The resident fraction of
+each side is W2's (`w2.resident_fraction`: fp16 none of the decoder layers, 4-bit the largest whose bytes
+fit the budget, counted in its stored sizes). Each side runs its fastest policy of the W2 sweep; then
+A B pairs of full runs, median ratio of throughputs.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from harness.bench.offload_side import (
     projected_s,
     sweep_policies,
 )
+from harness.bench.w2 import resident_fraction
 from harness.bench.workloads import Workload
-from runtime.weights import fit_fraction
 
 _GiB = 2**30
 
@@ -55,7 +56,7 @@ def run(w: Workload, out_dir: Path) -> str:
         best, sweeps, tiers, sides = {}, {}, {}, {}
         for name, fields in variants.items():
             side = sides[name] = Side(name, watched, stack)
-            fraction = fit_fraction(path, budget, fields.get("compress_weight"))
+            fraction = resident_fraction(path, budget, fields.get("compress_weight"))
             offload = str(Path(scratch) / name)  # 4-bit: quantized here once, on the first load
             sweeps[name] = []
             for policy in sweep_policies(w, fraction, **fields):
