@@ -147,22 +147,20 @@ class DiskIO:
 
     @staticmethod
     def _pread(fd: int, buf: memoryview, offset: int, need: int, path: Path, direct: bool) -> None:
-        drop = not direct  # buffered reads leave pages in the cache: drop them
         try:
             got = os.preadv(fd, [buf], offset)
-        except OSError as e:  # O_DIRECT opened but refused here (a logical block larger than ALIGN)
+        except OSError as e:  # O_DIRECT opened but refused here (a logical block larger than ALIGN): buffered
             if not direct or e.errno != errno.EINVAL:
                 raise
             fd = os.open(path, os.O_RDONLY)
             try:
-                got = os.preadv(fd, [buf], offset)
-                os.posix_fadvise(fd, offset, len(buf), os.POSIX_FADV_DONTNEED)
+                return DiskIO._pread(fd, buf, offset, need, path, direct=False)
             finally:
                 os.close(fd)
         if got < need:
             raise OffloadError(f"{path} is shorter than expected (read {got} of {need} bytes at {offset}); "
                                "the file is truncated: delete it and rerun to rebuild it")
-        if drop:
+        if not direct:  # buffered reads leave pages in the cache: drop them
             os.posix_fadvise(fd, offset, len(buf), os.POSIX_FADV_DONTNEED)
 
     @staticmethod

@@ -106,7 +106,7 @@ def assign_tiers(specs: list[WeightSpec], sizes: list[int], placement: Placement
     exactly at `weight_levels`. A layer alone of its kind (embedding, head) has rank 0.5: a tensor goes where
     its middle lies, FlexGen's rule (`get_choice`), which is the same in every layer and so realises other
     fractions than it is given (opt-1.3b: 0.125 as nothing, 0.2 as 0.25)."""
-    bounds = [0.0, *(done / max(1, sum(sizes)) for done in accumulate(sizes))]
+    bounds = _bounds(sizes)
     low = _cut(bounds, placement.device, rank)
     high = _cut(bounds, placement.device + placement.host, rank)
     tiers = []
@@ -116,7 +116,12 @@ def assign_tiers(specs: list[WeightSpec], sizes: list[int], placement: Placement
     return tiers
 
 
-def _cut(bounds: list[float], cut: float, rank: float) -> float:
+def _bounds(sizes: list[int]) -> tuple[float, ...]:
+    """The boundaries between a layer's tensors in its cumulative bytes, from 0 to 1."""
+    return (0.0, *(done / max(1, sum(sizes)) for done in accumulate(sizes)))
+
+
+def _cut(bounds: tuple[float, ...], cut: float, rank: float) -> float:
     """The boundary of `bounds` (ascending, 0 to 1) that a cut at `cut` falls on in a layer of `rank`: monotone
     in `cut`, so the two cuts of a placement never cross."""
     k = max(i for i, b in enumerate(bounds) if b <= cut + _EPS)
@@ -339,7 +344,7 @@ def weight_levels(spec, compress_weight=None) -> list[float]:
     for layer in get_family(spec.family).build_layers(spec):
         sizes = [stored_size(s, codec, dtype) for s in layer.weight_specs()]
         if sum(sizes):
-            kinds[(0.0, *(done / sum(sizes) for done in accumulate(sizes)))] += 1
+            kinds[_bounds(sizes)] += 1
     if not kinds:
         return [0.0, 1.0]
     bounds, n = kinds.most_common(1)[0]
