@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from runtime.hardware import HardwareSpec
-from runtime.policy import Policy, QuantConfig, WeightFormat
+from runtime.policy import PREFETCH_DEPTH, Policy, QuantConfig, WeightFormat
 from runtime.spec import ModelSpec
 
 VARS = ("wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd")
@@ -300,8 +300,8 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
                                   or policy.weight_format == WeightFormat.CHECKPOINT)
         if converts:  # one layer's matrices in the compute dtype, reused across layers, and the head's own
             staging["device"] += z.matrix_params * cdt_bytes + V * model.embed_dim * cdt_bytes  # (other shape)
-        if offload_w:  # two staging slots of a layer's disk weights (runtime.weights: depth + 1)
-            staging[ram] += 2 * w_disk
+        if offload_w:  # staging slots of a layer's disk weights
+            staging[ram] += (PREFETCH_DEPTH + 1) * w_disk
         if offload_c:  # the staging ring: two (2, S, micro-batch, kvH, D) buffers
             staging[ram] += 2 * (s + n) * g * z.kv_token
         staging[ram] += hw.base_mem

@@ -29,7 +29,7 @@ def run_layers(layers: list[Layer], weights: WeightStore, acts: Activations, con
                 nxt = i + ahead
                 if nxt < len(run):
                     weights.prefetch(nxt)
-                elif i == last:  # the head computes: the next step starts again at layer 0
+                elif len(run) == len(layers):  # a whole step: the next one starts again at layer 0
                     weights.prefetch(nxt - len(layers))
         w = weights.fetch(i)  # after the prefetch: the disk must not idle while layer i converts
         for k, ctx in enumerate(contexts):

@@ -5,7 +5,8 @@ Placement inside each layer follows the cumulative size of its weights (FlexGen'
 and the head never go to disk (`WeightSpec.in_memory`; FlexGen places them by the rule). In-memory weights are read from
 the checkpoint one tensor at a time straight into their final storage (fused q/k/v into one tensor).
 Disk weights are read in place from safetensors files, or from prepared files in the offload folder,
-by background threads into two alternating staging slots (layer i+1 loads while layer i computes), past
+by background threads into `PREFETCH_DEPTH + 1` staging slots used in turn (layers i+1 and i+2 load while
+layer i computes), past
 the page cache (`DiskIO.read_spans`: each source tensor's block-aligned span, the tensor a view inside it).
 `fetch` converts into reused compute buffers: into a reused buffer 10-15 GB/s here, into a fresh
 tensor ~3 GB/s (page faults).
@@ -26,7 +27,7 @@ from runtime.disk import DiskIO, Pending, Region, aligned_empty, span_capacity
 from runtime.errors import CheckpointError
 from runtime.layers import Layer, WeightSpec
 from runtime.offload import OffloadDir
-from runtime.policy import Placement, Tier
+from runtime.policy import PREFETCH_DEPTH, Placement, Tier
 
 _EPS = 1e-6  # float slack when comparing fractions of a layer's bytes (its smallest tensor is ~1e-5)
 
@@ -139,7 +140,7 @@ class WeightStore:
                  codec: WeightCodec | None = None) -> None:
         self.device, self.compute_dtype, self.io, self.codec = device, compute_dtype, io, codec
         self.pin = pin and device.type == "cuda"
-        self.depth = 1  # layers read ahead of the one computing
+        self.depth = PREFETCH_DEPTH
         self.layers: list[dict[str, _Stored]] = []
         self.lookups: list[set[str]] = []  # per layer, the tables fetched in their stored dtype
         shared: dict[tuple[str, ...], _Stored] = {}  # a tied head reuses the embedding's weight
