@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from runtime.hardware import HardwareSpec
-from runtime.policy import PREFETCH_DEPTH, Policy, QuantConfig, WeightFormat
+from runtime.policy import CAST_BLOCK_BYTES, PREFETCH_DEPTH, Policy, QuantConfig, WeightFormat
 from runtime.spec import ModelSpec
 
 VARS = ("wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd")
@@ -298,7 +298,9 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
         staging = {"device": working, "host": 0.0}
         converts = not kernel and (qw is not None or (offload_w and ckpt_bytes != cdt_bytes) or acc
                                   or policy.weight_format == WeightFormat.CHECKPOINT)
-        if converts:  # one layer's matrices in the compute dtype, reused across layers, and the head's own
+        if converts and not acc and qw is None:  # the CPU casts block by block (runtime.kernels.CastWeight)
+            staging["device"] += CAST_BLOCK_BYTES
+        elif converts:  # one layer's matrices in the compute dtype, reused across layers, and the head's own
             staging["device"] += z.matrix_params * cdt_bytes + V * model.embed_dim * cdt_bytes  # (other shape)
         if offload_w:  # staging slots of a layer's disk weights
             staging[ram] += (PREFETCH_DEPTH + 1) * w_disk

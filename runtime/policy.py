@@ -13,6 +13,9 @@ buffering, leaves the disk idle whenever a layer's read ends before the previous
 with fewer bytes on disk, the tail of a read on fewer threads): W2 on opt-1.3b, alternated in worker processes
 (2026-12-01), ran 9.8-9.9 tok/s at one and 11.5-12.1 at two, half the time blocked on disk. Costs one more
 layer of staging memory (the cost model counts `PREFETCH_DEPTH + 1` slots)."""
+CAST_BLOCK_BYTES = 8 * 2**20
+"""Scratch of `runtime.kernels.CastWeight`: one block of rows converted to the compute dtype (best measured
+here with a 32 MiB L3, see runtime/kernels.py)."""
 
 
 class Tier(str, Enum):

@@ -6,10 +6,11 @@ and the head never go to disk (`WeightSpec.in_memory`; FlexGen places them by th
 the checkpoint one tensor at a time straight into their final storage (fused q/k/v into one tensor).
 Disk weights are read in place from safetensors files, or from prepared files in the offload folder,
 by background threads into `PREFETCH_DEPTH + 1` staging slots used in turn (layers i+1 and i+2 load while
-layer i computes), past
-the page cache (`DiskIO.read_spans`: each source tensor's block-aligned span, the tensor a view inside it).
-`fetch` converts into reused compute buffers: into a reused buffer 10-15 GB/s here, into a fresh
-tensor ~3 GB/s (page faults).
+layer i computes), past the page cache (`DiskIO.read_spans`: each source tensor's block-aligned span, the
+tensor a view inside it). `fetch` hands a matrix stored in a narrower dtype than the compute one on the CPU
+to `linear` as it is (`kernels.CastWeight`: converted block by block, cache-hot); other conversions and
+device copies go into reused compute buffers (into a reused buffer 10-15 GB/s here, into a fresh tensor
+~3 GB/s: page faults).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from runtime.checkpoint import Checkpoint
 from runtime.compressed import WeightCodec
 from runtime.disk import DiskIO, Pending, Region, aligned_empty, span_capacity
 from runtime.errors import CheckpointError
+from runtime.kernels import CastWeight
 from runtime.layers import Layer, WeightSpec
 from runtime.offload import OffloadDir
-from runtime.policy import PREFETCH_DEPTH, Placement, Tier
+from runtime.policy import CAST_BLOCK_BYTES, PREFETCH_DEPTH, Placement, Tier
 
 _EPS = 1e-6  # float slack when comparing fractions of a layer's bytes (its smallest tensor is ~1e-5)
 
@@ -237,7 +239,8 @@ class WeightStore:
         self._pending[index] = (Pending(futures), staged, slot)
 
     def fetch(self, index: int) -> dict[str, torch.Tensor]:
-        """Layer `index`'s weights in the compute dtype on the device; valid until the next `fetch`."""
+        """Layer `index`'s weights in the compute dtype on the device (matrices possibly as `CastWeight`s);
+        valid until the next `fetch`."""
         self.prefetch(index)
         pending, staged, _ = self._pending.pop(index, (Pending([]), {}, None))
         pending.wait()
@@ -254,6 +257,13 @@ class WeightStore:
                                                           s.shape, self.compute_dtype, self.device))
                 continue
             dtype = src.dtype if key in self.lookups[index] else self.compute_dtype
+            if dtype != src.dtype and len(s.shape) == 2 and self.device.type == "cpu":
+                # converted block by block inside `linear` (kernels.CastWeight): no buffer of the weight's size.
+                # CUDA keeps the whole-weight copy below: its conversion runs at device bandwidth.
+                scratch = self._buffer(self._compute, ("cast", dtype), (CAST_BLOCK_BYTES // dtype.itemsize,),
+                                       dtype, self.device)
+                out[key] = CastWeight(tuple(parts), scratch)
+                continue
             # In place only where torch's allocator would have put it: a GEMM over a weight at another alignment
             # differs in the last bits (oneDNN picks its kernels by alignment), which 4-bit KV quantization
             # turns into 1e-4 differences in logits. A staged weight lies at its file offset mod 4096.

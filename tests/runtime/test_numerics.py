@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from runtime import Engine, Policy, WeightFormat
+from runtime.kernels import CastWeight
 
 ATOL = 1e-4
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [3] * 9, [20, 21, 22, 23, 24]]
@@ -127,6 +128,11 @@ def test_fp16_checkpoint_kept_in_storage_dtype_matches_converted(tiny_opt):
     a = converted.generate(PROMPTS, 8, stop_at_eos=False).generations
     b = kept.generate(PROMPTS, 8, stop_at_eos=False).generations
     assert [g.output_ids for g in a] == [g.output_ids for g in b]
+    # kept fp16 matrices reach `linear` as CastWeights (converted block by block): the same logits
+    with torch.inference_mode():
+        assert isinstance(kept.weights.fetch(1)["qkv.weight"], CastWeight)
+    torch.testing.assert_close(kept.trace_logits([PROMPTS[0]], [[9]])[0][0],
+                               converted.trace_logits([PROMPTS[0]], [[9]])[0][0], atol=1e-5, rtol=0)
     # and the fp16 checkpoint computes in fp32: logits equal HF's fp32 model of the same fp16 weights
     trace = converted.trace_logits([PROMPTS[0]], [[9]])
     torch.testing.assert_close(trace[0][0], hf_logits(model.half().float(), PROMPTS[0]), atol=ATOL, rtol=0)
