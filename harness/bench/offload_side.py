@@ -36,7 +36,8 @@ class OffloadRow(Row):
     io_wait_s: float | None = None
     """Ours: seconds blocked on disk reads of weights."""
     fetch_s: float | None = None
-    """Ours: seconds in `WeightStore.fetch` (the reads it waits for plus conversion to fp32)."""
+    """Ours: seconds in `WeightStore.fetch` (the reads it waits for, copies and conversions of small tensors;
+    on the CPU matrices are cast to fp32 inside `linear`, counted as compute)."""
 
 
 def sweep_policies(w: Workload, fraction: float, **fields):
@@ -115,8 +116,8 @@ def print_sweep(w: Workload, sweep: list, best) -> None:
 def breakdown(row: OffloadRow) -> str:
     text = f"prefill {row.prefill_s:.2f} s + decode {row.decode_s:.2f} s"
     if row.fetch_s is not None:
-        text += (f"; blocked on disk {row.io_wait_s:.2f} s, converting {row.fetch_s - row.io_wait_s:.2f} s, "
-                 f"compute and the rest {row.busy_s - row.fetch_s:.2f} s")
+        text += (f"; blocked on disk {row.io_wait_s:.2f} s, rest of fetch {row.fetch_s - row.io_wait_s:.2f} s, "
+                 f"compute (with fp16 -> fp32 casts) and the rest {row.busy_s - row.fetch_s:.2f} s")
     return text + f"; peak RSS {row.peak_rss / _GiB:.2f} GiB"
 
 
