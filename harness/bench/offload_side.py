@@ -40,14 +40,15 @@ class OffloadRow(Row):
     on the CPU matrices are cast to fp32 inside `linear`, counted as compute)."""
 
 
-def sweep_policies(w: Workload, fraction: float, **fields):
-    """The policies a side tries: overlap on/off x (batch x 1, batch/2 x 2 micro-batches), plus `fields`."""
+def sweep_policies(w: Workload, fractions: tuple[float, ...], **fields):
+    """The policies a side tries: weights fraction in RAM x overlap on/off x (batch x 1, batch/2 x 2
+    micro-batches), plus `fields`."""
     from runtime import Policy
     from runtime.policy import Placement
 
     return [Policy(gpu_batch_size=w.batch // nb, num_gpu_batches=nb, overlap=overlap, device="cpu",
                    weights=Placement(fraction, 0.0), weight_format="checkpoint", **fields)
-            for overlap in (True, False) for nb in (1, 2) if w.batch % nb == 0]
+            for fraction in fractions for overlap in (True, False) for nb in (1, 2) if w.batch % nb == 0]
 
 
 def label(policy) -> str:

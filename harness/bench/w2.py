@@ -5,11 +5,10 @@ weights resident in RAM (0.5 GiB for opt-1.3b's 2.6 GB), the rest read from disk
 random prompts, greedy, exactly `output_len` new tokens, fp32 compute on both sides (fp16 matmuls crawl
 on this CPU).
 - Ours: `Engine(Policy(weights=Placement(f, 0), weight_format="checkpoint"))`, so resident weights stay
-  fp16 and disk weights are read in place from the safetensors file, converted one layer at a time. `f`
-  is 0 (`resident_fraction`): the embedding tables (0.2 GiB) stay in RAM, every decoder weight streams from
-  disk; filling the rest of the budget measured slower. The policy is the fastest of
-  overlap on/off x (batch x 1, batch/2 x 2 micro-batches), measured on a shortened output and projected
-  to the full one; that policy alone runs against the baseline.
+  fp16 and disk weights are read in place from the safetensors file. The embedding tables (0.2 GiB) stay in
+  RAM; `f` is 0 (every decoder weight streams from disk) or the budget filled (`resident_fractions`). The
+  policy is the fastest of f x overlap on/off x (batch x 1, batch/2 x 2 micro-batches), measured on a
+  shortened output and projected to the full one; that policy alone runs against the baseline.
 - Accelerate: `from_pretrained(dtype=float32, device_map=..., offload_folder=...)`. transformers 5 maps
   the offloaded weights of a safetensors checkpoint in place (nothing is written to the offload folder):
   each forward reads their fp16 bytes through `safe_open` (mmap) and casts them to fp32, the same bytes
@@ -82,7 +81,7 @@ def run(w: Workload, out_dir: Path) -> str:
     steps = roofline.generate_steps(w.batch, w.prompt_len, w.output_len)
     machine = roofline.measure(arch, steps, w.ram_probe_bytes, disk_model=path)
     disk_bytes = max(0, sum(f.stat().st_size for f in files) - budget)
-    fraction = resident_fraction(path, budget)
+    fractions = resident_fractions(path, budget)
 
     with tempfile.TemporaryDirectory(prefix="flexhelm-w2-") as scratch, ExitStack() as stack:
         watched = [path, Path(scratch)]  # the model and both engines' offload folders
@@ -96,7 +95,7 @@ def run(w: Workload, out_dir: Path) -> str:
         # Sweep: ours under each policy on a shortened output, ranked by the time projected to the full one
         n = min(SWEEP_TOKENS, w.output_len)
         sweep = []
-        for policy in sweep_policies(w, fraction):
+        for policy in sweep_policies(w, fractions):
             ours.load(2, w2_engines.load_ours, path, policy, scratch, prompts, budget)
             sweep.append((policy, ours.run("ours-sweep", 0, n, label(policy))[0]))
         best = min(sweep, key=lambda ps: projected_s(ps[1], w.batch, w.output_len))[0]
@@ -143,13 +142,14 @@ def run(w: Workload, out_dir: Path) -> str:
     return summary
 
 
-def resident_fraction(path: Path, budget: int, compress_weight=None) -> float:
-    """Weights fraction kept in RAM: fp16, none of the decoder layers (the tables, 0.2 GiB of opt-1.3b, are kept
-    whatever the fraction); compressed, the largest that fits the budget (`fit_fraction`). Filling fp16's
-    budget (q/k/v in 12 of 24 layers, 12% fewer bytes read per step) measured slower here in every full run
-    in a worker process (2026-11-30: 7.6-8.3 tok/s over 7 runs against 10.2-10.6 over 3, alternated in
-    one of the experiments), though not in the main process; the cause is not known (disk waits double)."""
-    return fit_fraction(path, budget, compress_weight) if compress_weight else 0.0
+def resident_fractions(path: Path, budget: int, compress_weight=None) -> tuple[float, ...]:
+    """Weights fractions kept in RAM that the sweep tries. Compressed: the largest that fits the budget
+    (`fit_fraction`). fp16: that one (q/k/v in 12 of opt-1.3b's 24 layers, 12% fewer bytes read per step) and
+    none of the decoder layers (the tables alone, 0.2 GiB), because which one runs faster depended on the
+    disk's state in every comparison here (2026-11-30/12-01, alternated: the budget filled 8-25% slower in
+    some sets of runs, 5-10% faster in others), for reasons not found; the sweep measures both."""
+    fit = fit_fraction(path, budget, compress_weight)
+    return (fit,) if compress_weight or fit == 0 else (0.0, fit)
 
 
 # ---- printing ---------------------------------------------------------------------------------------

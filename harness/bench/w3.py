@@ -5,9 +5,9 @@ runs in its own worker process and memory cgroup, the model's and offload folder
 before every run. fp16: the checkpoint's fp16 weights, disk ones read in place from the safetensors
 file. 4-bit: weight matrices and the KV cache quantized group-wise (4 bits, group 64, min-max), the
 disk-resident ones prepared once in the offload folder (outside the timed runs), so each step reads
-about 0.28x the fp16 bytes; decode matmuls run in torch's fused int4 kernel. The resident fraction of
-each side is W2's (`w2.resident_fraction`: fp16 none of the decoder layers, 4-bit the largest whose bytes
-fit the budget, counted in its stored sizes). Each side runs its fastest policy of the W2 sweep; then
+about 0.28x the fp16 bytes; decode matmuls run in torch's fused int4 kernel. The resident fractions
+each side tries are W2's (`w2.resident_fractions`: fp16 none of the decoder layers and the budget filled, 4-bit
+the budget filled, counted in its stored sizes). Each side runs its fastest policy of the W2 sweep; then
 A B pairs of full runs, median ratio of throughputs.
 """
 
@@ -32,7 +32,7 @@ from harness.bench.offload_side import (
     projected_s,
     sweep_policies,
 )
-from harness.bench.w2 import resident_fraction
+from harness.bench.w2 import resident_fractions
 from harness.bench.workloads import Workload
 
 _GiB = 2**30
@@ -56,10 +56,10 @@ def run(w: Workload, out_dir: Path) -> str:
         best, sweeps, tiers, sides = {}, {}, {}, {}
         for name, fields in variants.items():
             side = sides[name] = Side(name, watched, stack)
-            fraction = resident_fraction(path, budget, fields.get("compress_weight"))
+            fractions = resident_fractions(path, budget, fields.get("compress_weight"))
             offload = str(Path(scratch) / name)  # 4-bit: quantized here once, on the first load
             sweeps[name] = []
-            for policy in sweep_policies(w, fraction, **fields):
+            for policy in sweep_policies(w, fractions, **fields):
                 side.load(2, w2_engines.load_ours, path, policy, offload, prompts, budget)
                 row = side.run(f"{name}-sweep", 0, min(SWEEP_TOKENS, w.output_len), label(policy))[0]
                 sweeps[name].append((policy, row))
