@@ -107,3 +107,22 @@ def test_cost_model_and_search_do_not_import_torch():
             "print('torch' in sys.modules, 'cvxpy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_cpu_casts_inside_the_matmul_and_holds_a_block_not_a_layer():
+    """On a CPU, fp16 weights computed in fp32 cost the matmul alone (runtime.kernels.CastWeight) and a scratch
+    block, wherever they live; an accelerator converts an fp32 checkpoint's disk weights once per step."""
+    model = opt("1.3b")
+    hw = cpu_hardware()
+    kept, converted = (predict(hw, model, WORK, Policy(gpu_batch_size=8, weight_format=f))
+                       for f in ("checkpoint", "compute"))
+    on_disk = predict(hw, model, WORK, Policy(gpu_batch_size=8, weights=Placement(0.0, 0.0)))
+    for phase in ("prefill", "decode"):
+        assert kept.terms[phase]["compute"] == pytest.approx(converted.terms[phase]["compute"])
+        assert on_disk.terms[phase]["compute"] == pytest.approx(converted.terms[phase]["compute"])
+    weights = 2 * model.num_parameters()  # fp16 bytes
+    # half the weight bytes, and no fp32 copy of a layer (200 MB) or of the head (412 MB) beside them
+    assert converted.memory["device"] - kept.memory["device"] == pytest.approx(weights - 8 * 2**20, rel=0.01)
+    fp32 = opt("1.3b", dtype="float32")
+    gpu = [predict(hardware(), fp32, WORK, Policy(gpu_batch_size=8, weights=Placement(0.0, p))) for p in (1.0, 0.0)]
+    assert gpu[1].terms["decode"]["compute"] > gpu[0].terms["decode"]["compute"]
