@@ -118,7 +118,7 @@ def breakdown(row: OffloadRow) -> str:
     text = f"prefill {row.prefill_s:.2f} s + decode {row.decode_s:.2f} s"
     if row.fetch_s is not None:
         text += (f"; blocked on disk {row.io_wait_s:.2f} s, rest of fetch {row.fetch_s - row.io_wait_s:.2f} s, "
-                 f"compute (with fp16 -> fp32 casts) and the rest {row.busy_s - row.fetch_s:.2f} s")
+                 f"compute (casts included) and the rest {row.busy_s - row.fetch_s:.2f} s")
     return text + f"; peak RSS {row.peak_rss / _GiB:.2f} GiB"
 
 
