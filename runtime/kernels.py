@@ -42,8 +42,7 @@ class CastWeight:
 
     def blocks(self):
         """(first row, the block converted into the scratch): valid until the next block is taken."""
-        n, k = self.shape
-        rows = max(1, self.scratch.numel() // k)
+        rows = max(1, self.scratch.numel() // self.parts[0].shape[1])
         start = 0
         for part in self.parts:
             for a in range(0, part.shape[0], rows):

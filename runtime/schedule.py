@@ -24,14 +24,8 @@ def run_layers(layers: list[Layer], weights: WeightStore, acts: Activations, con
     last = len(layers) - 1
     nb = len(contexts)
     for i, layer in enumerate(run):
-        if overlap:  # read the next layers' weights while this one converts and computes
-            for ahead in range(1, weights.depth + 1):
-                nxt = i + ahead
-                if nxt < len(run):
-                    weights.prefetch(nxt)
-                elif len(run) == len(layers):  # a whole step: the next one starts again at layer 0
-                    weights.prefetch(nxt - len(layers))
-        w = weights.fetch(i)  # after the prefetch: the disk must not idle while layer i converts
+        # overlap: read the next layers' weights (a whole step: then the next step's first) while this one computes
+        w = weights.fetch_ahead(i, len(run), wrap=len(run) == len(layers)) if overlap else weights.fetch(i)
         for k, ctx in enumerate(contexts):
             if overlap:
                 _prefetch_next(i, k, nb, run, acts, contexts, caches)

@@ -238,6 +238,17 @@ class WeightStore:
             staged[key] = [p.view(s.dtype).view(-1, *s.stored_shape[1:]) for p in parts]  # one per source
         self._pending[index] = (Pending(futures), staged, slot)
 
+    def fetch_ahead(self, index: int, stop: int, wrap: bool) -> dict[str, torch.Tensor]:
+        """`fetch(index)` after starting the reads of the next `depth` layers below `stop`, and with `wrap` (a
+        pass over every layer) past the last one the next pass's first ones: asked for before layer `index` is
+        fetched, so the disk does not idle while it converts."""
+        for nxt in range(index + 1, index + self.depth + 1):
+            if nxt < stop:
+                self.prefetch(nxt)
+            elif wrap:
+                self.prefetch(nxt - len(self.layers))
+        return self.fetch(index)
+
     def fetch(self, index: int) -> dict[str, torch.Tensor]:
         """Layer `index`'s weights in the compute dtype on the device (matrices possibly as `CastWeight`s);
         valid until the next `fetch`."""

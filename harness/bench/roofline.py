@@ -154,9 +154,7 @@ def disk_bandwidth(model: Path, reps: int = 2) -> float:
 
         def sweep() -> None:
             for i in range(len(layers)):
-                for ahead in range(1, store.depth + 1):
-                    store.prefetch(i + ahead)
-                store.fetch(i)
+                store.fetch_ahead(i, len(layers), wrap=False)
 
         with torch.inference_mode():
             before = io.bytes_read
