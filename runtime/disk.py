@@ -8,11 +8,14 @@ for weights at any offset), else buffered and then dropped from the cache (`posi
 O_DIRECT matters on a small CPU: measured here (2 cores) during a GEMM, buffered reads took 0.4 of a core
 for the kernel's copies and page-cache upkeep and halved the GEMM's rate (53 -> 27 GFLOP/s, disk
 1.3-1.4 GB/s); O_DIRECT reads took 0.06 of a core (GEMM 47-48 GFLOP/s, disk 2.0 GB/s).
+What else the disk's rate turned out to depend on: the number of reads (tensors that lie together are one
+span, `MERGE_GAP`) and the physical memory they land in (`aligned_empty`: huge pages).
 """
 
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +30,12 @@ _CHUNK = 16 * 2**20
 ALIGN = 4096
 """O_DIRECT needs the file offset, the length and the memory address aligned to the device's logical block
 size (512 or 4096 bytes)."""
+HUGE_PAGE = 2**21
+MERGE_GAP = 2**20
+"""Regions of one file less than this apart are read as one span, the gap included. A read's latency, not its
+bytes, is what a small one costs: during W2's decode here a 4 KiB read (a bias, a norm) held a reader thread for
+4-5.5 ms, as long as 8 MB of a large read, and a layer's 12 such reads took a quarter of the readers' time;
+a 1 MiB gap costs under 1 ms at the disk's rate."""
 
 
 class OffloadError(FlexhelmError):
@@ -48,15 +57,54 @@ def byte_view(t: torch.Tensor) -> memoryview:
 
 
 def aligned_empty(nbytes: int, pin: bool = False) -> torch.Tensor:
-    """An uninitialized uint8 CPU tensor of `nbytes` whose first byte is `ALIGN`-aligned."""
+    """An uninitialized uint8 CPU tensor of `nbytes` whose first byte is `ALIGN`-aligned; on Linux, unpinned,
+    backed by transparent huge pages where the kernel allows them (`_huge_empty`)."""
+    if not pin and nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        return _huge_empty(nbytes)
     raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
     start = -raw.data_ptr() % ALIGN
     return raw[start:start + nbytes]
 
 
+def _huge_empty(nbytes: int) -> torch.Tensor:
+    """`nbytes` of anonymous memory from a `HUGE_PAGE` boundary, asked to be huge pages before it is touched.
+
+    Why: an O_DIRECT read is DMA'd into the buffer's physical pages, and a block request takes at most
+    `max_segments` (254 on this machine's virtio disk) runs of physically contiguous memory. Into 4 KiB pages
+    from a fragmented heap, the kernel split reads into requests of 677 KiB on average; into huge pages, into
+    requests of `max_sectors_kb` (4 MiB), and the same 96 MiB reads ran 2.1-2.5 GB/s against 0.5-1.0 GB/s
+    (measured 2026-12-01). With plain `torch.empty` buffers a run's disk rate depended on how fragmented
+    memory was when its buffers were allocated. Where the kernel gives no huge pages (THP `never`) this is an
+    ordinary buffer."""
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared: no THP
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel without THP: an ordinary buffer
+        pass
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # keeps `region` alive
+    start = -raw.data_ptr() % HUGE_PAGE
+    return raw[start:start + nbytes]
+
+
 def span_capacity(regions: list[Region]) -> int:
-    """Bytes that `DiskIO.read_spans` needs for `regions`, wherever in their files they lie."""
-    return sum(r.nbytes + 2 * ALIGN for r in regions)
+    """Bytes that `DiskIO.read_spans` needs for `regions`: their merged block-aligned spans."""
+    return sum(end - start for _, start, end, _ in _spans(regions))
+
+
+def _spans(regions: list[Region]) -> list[tuple[Path, int, int, list[int]]]:
+    """(path, start, end, indices of the regions inside) of each span `read_spans` reads, in file order: the
+    regions' enclosing `ALIGN`ed blocks, merged where they lie in one file less than `MERGE_GAP` apart."""
+    spans: list[tuple[Path, int, int, list[int]]] = []
+    for i in sorted(range(len(regions)), key=lambda i: (str(regions[i].path), regions[i].offset)):
+        r = regions[i]
+        start = r.offset - r.offset % ALIGN
+        end = -(-(r.offset + r.nbytes) // ALIGN) * ALIGN  # past the end of the file at its last block
+        if spans and spans[-1][0] == r.path and start <= spans[-1][2] + MERGE_GAP:
+            path, first, last, inside = spans[-1]
+            spans[-1] = (path, first, max(last, end), inside + [i])
+        else:
+            spans.append((r.path, start, end, [i]))
+    return spans
 
 
 class Pending:
@@ -111,19 +159,21 @@ class DiskIO:
         return Pending(futures)
 
     def read_spans(self, regions: list[Region], raw: torch.Tensor) -> tuple[Pending, list[torch.Tensor]]:
-        """Read each region's enclosing `ALIGN`ed span into `raw` (an `aligned_empty` of at least
-        `span_capacity(regions)` bytes), so that every read can bypass the page cache with O_DIRECT; returns
-        the regions' bytes as views of `raw`, valid once the reads are waited for."""
+        """Read the regions' enclosing `ALIGN`ed spans, merged where they are close (`MERGE_GAP`: one read
+        for a layer's contiguous tensors), into `raw` (an `aligned_empty` of at least `span_capacity(regions)`
+        bytes), so that every read can bypass the page cache with O_DIRECT; returns each region's bytes as a
+        view of `raw` (in the order given), valid once the reads are waited for."""
         buf = byte_view(raw)
-        if raw.data_ptr() % ALIGN or len(buf) < span_capacity(regions):
+        spans = _spans(regions)
+        if raw.data_ptr() % ALIGN or len(buf) < sum(end - start for _, start, end, _ in spans):
             raise ValueError("read_spans needs an aligned_empty buffer of span_capacity(regions) bytes")
-        futures, parts, pos = [], [], 0
-        for r in regions:
-            start = r.offset - r.offset % ALIGN
-            end = -(-(r.offset + r.nbytes) // ALIGN) * ALIGN  # past the end of the file at its last block
-            futures += self._read_into(r.path, buf[pos:pos + end - start], raw.data_ptr() + pos, start,
-                                       r.offset + r.nbytes - start)
-            parts.append(raw[pos + r.offset - start:pos + r.offset - start + r.nbytes])
+        futures, parts, pos = [], [raw[:0]] * len(regions), 0
+        for path, start, end, inside in spans:
+            need = max(regions[i].offset + regions[i].nbytes for i in inside) - start
+            futures += self._read_into(path, buf[pos:pos + end - start], raw.data_ptr() + pos, start, need)
+            for i in inside:
+                at = pos + regions[i].offset - start
+                parts[i] = raw[at:at + regions[i].nbytes]
             pos += end - start
         return Pending(futures), parts
 

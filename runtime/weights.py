@@ -5,12 +5,13 @@ Placement inside each layer follows the cumulative size of its weights (FlexGen'
 and the head never go to disk (`WeightSpec.in_memory`; FlexGen places them by the rule). In-memory weights are read from
 the checkpoint one tensor at a time straight into their final storage (fused q/k/v into one tensor).
 Disk weights are read in place from safetensors files, or from prepared files in the offload folder,
-by background threads into `PREFETCH_DEPTH + 1` staging slots used in turn (layers i+1 and i+2 load while
-layer i computes), past the page cache (`DiskIO.read_spans`: each source tensor's block-aligned span, the
-tensor a view inside it). `fetch` hands a matrix stored in a narrower dtype than the compute one on the CPU
-to `linear` as it is (`kernels.CastWeight`: converted block by block, cache-hot); other conversions and
-device copies go into reused compute buffers (into a reused buffer 10-15 GB/s here, into a fresh tensor
-~3 GB/s: page faults).
+by background threads into `PREFETCH_DEPTH + 1` staging slots used in turn (the next two layers with disk
+weights load while layer i computes), past the page cache (`DiskIO.read_spans`: a layer's tensors that lie
+together in a file are one block-aligned span, each tensor a view inside it; the slots are huge pages,
+`disk.aligned_empty`). `fetch` hands a matrix stored in a narrower dtype than the compute one on the CPU to
+`linear` as it is (`kernels.CastWeight`: converted block by block, cache-hot); other conversions and device
+copies go into reused compute buffers (into a reused buffer 10-15 GB/s here, into a fresh tensor ~3 GB/s:
+page faults).
 """
 
 from __future__ import annotations
@@ -167,7 +168,10 @@ class WeightStore:
                 if stored.tier == Tier.DISK and stored.regions is None:
                     stored.regions = [regions[stored.name]]
         self._all = list(shared.values())
-        self._staging: dict[tuple, torch.Tensor] = {}
+        disk = [[r for s in layer.values() if s.tier == Tier.DISK for r in s.regions] for layer in self.layers]
+        self._disk_layers = [i for i, regions in enumerate(disk) if regions]
+        self._capacity = max(map(span_capacity, disk), default=0)
+        self._staging: dict[int, torch.Tensor] = {}  # slot -> aligned buffer of `_capacity` bytes
         self._compute: dict[tuple, torch.Tensor] = {}
         self._pending: dict[int, tuple[Pending, dict[str, torch.Tensor], int]] = {}  # layer -> reads, buffers, slot
         self._turn = 0
@@ -216,9 +220,7 @@ class WeightStore:
         taken again; then it is dropped (waited for and forgotten) and a later fetch reads it anew."""
         if self.io is None or index in self._pending or not 0 <= index < len(self.layers):
             return
-        disk = [(key, s, nth) for (key, s), nth in zip(self.layers[index].items(),
-                                                       _nth_of_shape(self.layers[index].values()))
-                if s.tier == Tier.DISK]
+        disk = [(key, s) for key, s in self.layers[index].items() if s.tier == Tier.DISK]
         if not disk:
             return
         slot = self._turn % (self.depth + 1)
@@ -227,26 +229,27 @@ class WeightStore:
             if other_slot == slot:
                 pending.wait()
                 del self._pending[other]
-        futures, staged = [], {}
-        for key, s, nth in disk:
-            raw = self._staging.get((slot, s.stored_shape, s.dtype, nth))
-            if raw is None:  # the same capacity for this weight in every layer, wherever its bytes lie
-                raw = self._staging[slot, s.stored_shape, s.dtype, nth] = aligned_empty(span_capacity(s.regions),
-                                                                                        self.pin)
-            pending, parts = self.io.read_spans(s.regions, raw)
-            futures.extend(pending.futures)
-            staged[key] = [p.view(s.dtype).view(-1, *s.stored_shape[1:]) for p in parts]  # one per source
-        self._pending[index] = (Pending(futures), staged, slot)
+        raw = self._staging.get(slot)
+        if raw is None:  # one buffer a slot, for the layer whose disk weights span the most
+            raw = self._staging[slot] = aligned_empty(self._capacity, self.pin)
+        # one call for the whole layer, so that its tensors lying together in a file are one read
+        pending, parts = self.io.read_spans([r for _, s in disk for r in s.regions], raw)
+        staged, at = {}, 0
+        for key, s in disk:
+            n = len(s.regions)
+            staged[key] = [p.view(s.dtype).view(-1, *s.stored_shape[1:]) for p in parts[at:at + n]]  # one per source
+            at += n
+        self._pending[index] = (pending, staged, slot)
 
     def fetch_ahead(self, index: int, stop: int, wrap: bool) -> dict[str, torch.Tensor]:
-        """`fetch(index)` after starting the reads of the next `depth` layers below `stop`, and with `wrap` (a
-        pass over every layer) past the last one the next pass's first ones: asked for before layer `index` is
-        fetched, so the disk does not idle while it converts."""
-        for nxt in range(index + 1, index + self.depth + 1):
-            if nxt < stop:
-                self.prefetch(nxt)
-            elif wrap:
-                self.prefetch(nxt - len(self.layers))
+        """`fetch(index)` after starting the reads of the next `depth` layers with disk weights below `stop`,
+        and with `wrap` (a pass over every layer) past the last one the next pass's first ones: asked for before
+        layer `index` is fetched, so the disk does not idle while it converts. Layers without disk weights are
+        skipped, so the reads run on through the head and the embedding from one decode step into the next."""
+        ahead = [j for j in self._disk_layers if index < j < stop] + (
+            [j for j in self._disk_layers if j < index] if wrap else [])
+        for j in ahead[:self.depth]:
+            self.prefetch(j)
         return self.fetch(index)
 
     def fetch(self, index: int) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from runtime.disk import ALIGN, DiskIO, OffloadError, Region, aligned_empty, span_capacity
+from runtime.disk import ALIGN, HUGE_PAGE, MERGE_GAP, DiskIO, OffloadError, Region, aligned_empty, span_capacity
 
 # Regions at awkward places: unaligned start, a span crossing blocks, one ending at the file's last byte.
 SIZE = 5 * ALIGN + 123
@@ -62,7 +62,24 @@ def test_read_spans_returns_exact_bytes_at_any_offset(data_file, opened, refuse)
     assert got == [data[off:off + n] for off, n in REGIONS]
     assert any(f & os.O_DIRECT for f in flags)  # tried first
     assert any(not f & os.O_DIRECT for f in flags) == refuse  # buffered only where refused
-    assert nread >= sum(n for _, n in REGIONS)  # whole blocks, counted as read
+    assert nread == -(-SIZE // ALIGN) * ALIGN  # they overlap or touch: one span of whole blocks, counted as read
+
+
+def test_regions_close_together_are_one_read_and_far_apart_ones_are_not(tmp_path, monkeypatch):
+    """A layer's tensors lie together in a safetensors file: one read for them all, gaps under MERGE_GAP
+    included (a small read costs its latency); a gap of MERGE_GAP or more is skipped."""
+    path = tmp_path / "sparse.bin"
+    far = 8 * ALIGN + MERGE_GAP  # MERGE_GAP + 2 blocks past the end of the first span's last block
+    data = os.urandom(far + 3 * ALIGN)
+    path.write_bytes(data)
+    regions = [(far + 5, 100), (7, 2 * ALIGN), (5 * ALIGN + 1, 10), (far + ALIGN, 2 * ALIGN)]  # not in file order
+    reads, real = [], os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, offset: reads.append((offset, len(bufs[0]))) or
+                        real(fd, bufs, offset))
+    got, nread = _read_spans(path, regions)
+    assert got == [data[off:off + n] for off, n in regions]  # in the order asked
+    assert sorted(reads) == [(0, 6 * ALIGN), (far, 3 * ALIGN)]  # the 2-block gap read through, the far one not
+    assert nread == span_capacity([Region(path, off, n) for off, n in regions]) == 9 * ALIGN
 
 
 def test_read_falls_back_to_buffered_when_the_block_size_is_larger(data_file, monkeypatch):
@@ -101,5 +118,41 @@ def test_read_into_unaligned_tensor_and_truncation(data_file):
             io.read_spans(rs, aligned_empty(span_capacity(rs)))[0].wait()
         with pytest.raises(ValueError, match="aligned_empty"):
             io.read_spans(rs, aligned_empty(span_capacity(rs))[1:])
+    finally:
+        io.close()
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds `address` (Linux smaps)."""
+    mapping = None
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            mapping = lo <= address < hi
+        elif mapping and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError("address not mapped")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux only")
+def test_staging_buffers_are_huge_pages_and_read_exactly(tmp_path):
+    """Buffers O_DIRECT reads land in are asked to be huge pages: on 4 KiB pages from a fragmented heap the
+    kernel split 96 MiB reads here into 677 KiB requests (0.5-1.0 GB/s), on huge pages into 4 MiB ones (2+ GB/s)."""
+    data = os.urandom(HUGE_PAGE + 3 * ALIGN)
+    path = tmp_path / "big.bin"
+    path.write_bytes(data)
+    regions = [Region(path, 5, HUGE_PAGE), Region(path, HUGE_PAGE + ALIGN, 100)]
+    raw = aligned_empty(span_capacity(regions))
+    assert raw.data_ptr() % HUGE_PAGE == 0
+    if os.path.exists("/sys/kernel/mm/transparent_hugepage"):  # a kernel built with THP
+        assert "hg" in _vm_flags(raw.data_ptr())
+    small = aligned_empty(ALIGN)  # below a huge page: an ordinary aligned tensor
+    assert small.data_ptr() % ALIGN == 0 and small.numel() == ALIGN
+    io = DiskIO()
+    try:
+        pending, parts = io.read_spans(regions, raw)
+        pending.wait()
+        assert [bytes(p.numpy()) for p in parts] == [data[r.offset:r.offset + r.nbytes] for r in regions]
     finally:
         io.close()

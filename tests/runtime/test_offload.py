@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from runtime import Engine, Policy
-from runtime.disk import OffloadError
+from runtime.disk import OffloadError, span_capacity
 from runtime.offload import OffloadDir
 from runtime.policy import Placement, Tier
 from tests.runtime.cost_fixtures import table_params
@@ -116,9 +116,13 @@ def test_tables_and_head_stay_in_memory_when_the_weights_go_to_disk(tiny_opt, tm
     spec = engine.spec
     tables = 4 * table_params(spec)
     assert engine.weights.bytes_by_tier()["device"] == tables  # fp32 in RAM, the CPU's device tier
+    store = engine.weights
+    kept = [store.layers[0]["tokens"], store.layers[0]["positions"], store.layers[-1]["lm_head"]]
+    assert all(s.tier != Tier.DISK for s in kept)
     engine.generate(PROMPTS[:2], 3)
-    staged = [tuple(buf.shape) for buf in engine.weights._staging.values()]
-    assert staged and (spec.vocab_size, spec.embed_dim) not in staged
+    layer = max(span_capacity([r for s in store.layers[i].values() if s.tier == Tier.DISK for r in s.regions])
+                for i in range(1, spec.num_layers + 1))  # the decoder layers'
+    assert store._staging and all(buf.numel() == layer for buf in store._staging.values())  # no table staged
     engine.close()
 
 
