@@ -255,3 +255,26 @@ def test_prefetch_depth_and_interleaved_calls_never_use_stale_buffers(tiny_opt, 
         rolled = engine.score_rolling([list(range(3, 40))], window=8)
         want_rolled = ref_engine.score_rolling([list(range(3, 40))], window=8).token_logprobs[0]
         assert rolled.token_logprobs[0] == pytest.approx(want_rolled, abs=1e-5)
+
+
+def test_read_ahead_skips_layers_without_disk_weights_and_wraps_into_the_next_step(tiny_opt, tmp_path, monkeypatch):
+    """The embedding and the head hold no disk weights: they must not use up the read-ahead, or the disk idles
+    at every step boundary while they compute (the next step's first decoder layer would start at the head)."""
+    path, _ = tiny_opt("pre")
+    engine = Engine(path, Policy(weights=Placement(0, 0)), offload_dir=tmp_path)
+    store, n = engine.weights, len(engine.weights.layers)
+    kept = [i for i, layer in enumerate(store.layers) if all(s.tier != Tier.DISK for s in layer.values())]
+    assert 0 in kept  # the embedding; the head has its final norm on disk here
+    asked = []
+    monkeypatch.setattr(store, "prefetch", lambda i: asked.append(i))
+    monkeypatch.setattr(store, "fetch", lambda i: {})
+    disk = [i for i in range(n) if i not in kept]
+    for i in range(n):
+        asked.clear()
+        store.fetch_ahead(i, n, wrap=True)
+        after = disk[disk.index(i) + 1:] if i in disk else [j for j in disk if j > i]
+        assert asked == (after + [j for j in disk if j < i])[:store.depth]
+    asked.clear()
+    store.fetch_ahead(n - 2, n - 1, wrap=False)  # a pass that stops before the head (scoring) never wraps
+    assert asked == []
+    engine.close()
