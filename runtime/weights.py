@@ -168,9 +168,11 @@ class WeightStore:
                 if stored.tier == Tier.DISK and stored.regions is None:
                     stored.regions = [regions[stored.name]]
         self._all = list(shared.values())
-        disk = [[r for s in layer.values() if s.tier == Tier.DISK for r in s.regions] for layer in self.layers]
-        self._disk_layers = [i for i, regions in enumerate(disk) if regions]
-        self._capacity = max(map(span_capacity, disk), default=0)
+        # per layer, its disk weights (key, stored): tiers are fixed from here on
+        self._disk = [[(key, s) for key, s in layer.items() if s.tier == Tier.DISK] for layer in self.layers]
+        self._disk_layers = [i for i, disk in enumerate(self._disk) if disk]
+        self._capacity = max((span_capacity([r for _, s in disk for r in s.regions]) for disk in self._disk),
+                             default=0)
         self._staging: dict[int, torch.Tensor] = {}  # slot -> aligned buffer of `_capacity` bytes
         self._compute: dict[tuple, torch.Tensor] = {}
         self._pending: dict[int, tuple[Pending, dict[str, torch.Tensor], int]] = {}  # layer -> reads, buffers, slot
@@ -220,7 +222,7 @@ class WeightStore:
         taken again; then it is dropped (waited for and forgotten) and a later fetch reads it anew."""
         if self.io is None or index in self._pending or not 0 <= index < len(self.layers):
             return
-        disk = [(key, s) for key, s in self.layers[index].items() if s.tier == Tier.DISK]
+        disk = self._disk[index]
         if not disk:
             return
         slot = self._turn % (self.depth + 1)
