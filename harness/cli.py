@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from harness import auto_policy, plan_cli, suite_cli
-from harness.bench.workloads import W4_SETUPS
+from harness.bench.workloads import BY_NAME, W4_SETUPS
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan_cli.add_planning_args(g)
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("bench", help="run a benchmark workload (W1a, W1b, W1c, W2, W3, W4, W5, quality)")
+    b = sub.add_parser("bench", help=f"run a benchmark workload ({', '.join(sorted(BY_NAME))})")
     b.add_argument("name")
     b.add_argument("--out", default="results/bench", help="folder for the CSV and PNG")
     b.add_argument("--quick", action="store_true", help="tiny model, for a smoke test")

@@ -42,17 +42,34 @@ def positions(valid: torch.Tensor) -> torch.Tensor:
     return (valid.long().cumsum(-1) * valid.long() - 1).long()
 
 
-def prefill_mask(valid: torch.Tensor) -> torch.Tensor | None:
-    """(B, 1, T, T) causal mask that hides pads; None when nothing is padded (plain causal)."""
-    if bool(valid.all()):
-        return None
+def prefill_mask(valid: torch.Tensor, window: int | None = None) -> torch.Tensor | None:
+    """(B, 1, T, T) causal mask that hides pads and, with a sliding `window`, keys `window` or more positions
+    behind the query (HF: key j visible from query i when i - window < j <= i); None when it would be plain causal.
+    Left padding keeps each row's tokens in consecutive columns, so column distance is position distance."""
     T = valid.shape[1]
+    windowed = window is not None and T > window
+    if bool(valid.all()) and not windowed:
+        return None
     causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+    if windowed:
+        causal = causal.triu(1 - window)
     mask = causal[None] & valid[:, None, :]  # (B, T, T)
     # A pad row would attend to nothing (softmax of all -inf = NaN); let it see itself. Its output is
     # never read and real rows never attend to pads, so this changes no result.
     mask |= torch.eye(T, dtype=torch.bool, device=valid.device)[None]
     return mask[:, None]
+
+
+def decode_mask(valid: torch.Tensor, window: int | None = None) -> torch.Tensor | None:
+    """(B, 1, 1, S) mask of the newest token (column S - 1) over the cache's columns `valid` (B, S): pads hidden and,
+    with a sliding `window`, columns before S - window; None when it would see everything."""
+    S = valid.shape[1]
+    if window is not None and S > window:
+        valid = valid.clone()
+        valid[:, :S - window] = False
+    elif bool(valid.all()):
+        return None
+    return valid[:, None, None, :]
 
 
 def validate_ids(seqs: Sequence[Sequence[int]], what: str, vocab_size: int) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from runtime.disk import Region
 from runtime.errors import CheckpointError
-from runtime.families import get_family
+from runtime.families import spec_from_config
 from runtime.spec import ModelSpec, read_config  # noqa: F401  (read_config: re-exported)
 
 _SAFE_INDEX, _SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -76,7 +76,7 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path).expanduser()
         self.config = read_config(self.path)
-        self.spec: ModelSpec = get_family(self.config.get("model_type")).spec_from_config(self.config)
+        self.spec: ModelSpec = spec_from_config(self.config)
         self._handles: dict[Path, dict] = {}  # mmapped .bin state dicts
         self._entries: dict[str, dict] = {}  # safetensors: tensor name -> header entry
         self._weight_map = self._find_weights()  # tensor name -> file

@@ -36,7 +36,8 @@ import math
 from dataclasses import dataclass, field, replace
 
 from runtime.hardware import HardwareSpec
-from runtime.policy import CAST_BLOCK_BYTES, PREFETCH_DEPTH, Policy, QuantConfig, WeightFormat
+from runtime.policy import CAST_BLOCK_BYTES, PREFETCH_DEPTH, Policy, QuantConfig, WeightFormat, layout_of
+from runtime.shapes import attention_flops, kv_values_per_token, shapes, working_width
 from runtime.spec import ModelSpec
 
 VARS = ("wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd")
@@ -158,18 +159,20 @@ def _per(nbytes: float, rate: float) -> float:
 def uses_int4_kernel(hw: HardwareSpec, model: ModelSpec, q: QuantConfig | None) -> bool:
     """Whether the runtime computes compressed weights in the fused CPU int4 kernel (runtime.compressed)."""
     return (q is not None and not hw.accelerator and "int4" in hw.matmul and q.bits == 4 and q.axis == "input"
-            and q.group_size in _KERNEL_GROUPS and model.hidden_size % q.group_size == 0)
+            and q.group_size in _KERNEL_GROUPS
+            and all(n % 16 == 0 and k % q.group_size == 0 for n, k in shapes(model).decoder_matmuls))
 
 
 @dataclass(frozen=True)
 class _Sizes:
-    """Per-layer averages of the model's bytes and FLOPs (embedding and head spread over the layers)."""
+    """Per-layer averages of the model's parameters and FLOPs (embedding and head spread over the layers), from
+    its weight layout (`runtime.shapes`)."""
 
     matrix_params: float
-    other_params: float
-    lookup_params: float
+    head_matrix_params: float
+    """Parameters of the head's widest matrix (the vocabulary projection), in total, not spread."""
     flops_per_token: float
-    """Linear-layer FLOPs of one token through one decoder layer."""
+    """Matmul FLOPs of one token through one decoder layer (and its share of the embedding's)."""
     head_flops_per_row: float
     """Head FLOPs of one row, per layer (spread)."""
     kv_token: float
@@ -177,21 +180,44 @@ class _Sizes:
 
 
 def _sizes(model: ModelSpec, policy: Policy, cdt_bytes: int) -> _Sizes:
-    h, f, e, nl = model.hidden_size, model.ffn_size, model.embed_dim, model.num_layers
-    kv = model.num_kv_heads * model.head_dim
-    matrices = nl * (h * (h + 2 * kv) + h * h + 2 * h * f) + (2 * e * h if e != h else 0)
-    lookup = model.vocab_size * e + (model.max_positions + model.position_offset) * h
-    if not model.tied_embeddings:
-        matrices += model.vocab_size * e
-    other = model.num_parameters() - matrices - lookup
+    z, nl = shapes(model), model.num_layers
     q = policy.compress_cache
-    if q is None:
-        kv_token = 2 * kv * cdt_bytes
-    else:  # records of R bytes per (head, token): codes then fp16 scale and minimum per group
-        groups = math.ceil(model.head_dim / q.group_size)
-        kv_token = 2 * model.num_kv_heads * (groups * q.group_size * q.bits // 8 + 4 * groups)
-    return _Sizes(matrices / nl, other / nl, lookup / nl, 2 * (h * (h + 2 * kv) + h * h + 2 * h * f),
-                  2 * e * model.vocab_size / nl, kv_token)
+    # a compressed cache stores a record per (KV head, token): codes, then an fp16 scale and minimum per group
+    per_head = layout_of((1, model.head_dim), q).nbytes if q is not None else model.head_dim * cdt_bytes
+    return _Sizes(z.matrix_params / nl, max(n * k for n, k in z.head_matmuls),
+                  z.token_flops() + z.embedding_flops() / nl, z.head_flops() / nl,
+                  2 * model.num_kv_heads * per_head)
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """Bytes of a model's weights as the runtime stores them (`runtime.weights.WeightStore`)."""
+
+    stored: dict[str, float]
+    """tier -> every weight in that tier's form: packed when compressed; else in the compute dtype on the device
+    (the checkpoint's with `weight_format=checkpoint` on a CPU), the checkpoint's in host RAM of an accelerator
+    and on disk."""
+    kept: dict[str, float]
+    """tier -> the weights a disk placement keeps in memory (`WeightSpec.in_memory`: the tables, an untied head)
+    in that tier's form; the disk holds the rest."""
+
+
+def weight_bytes(hw: HardwareSpec, model: ModelSpec, policy: Policy) -> WeightBytes:
+    z = shapes(model)
+    ckpt = _DTYPE_BYTES.get(model.torch_dtype, 4)
+    cdt = 2 if hw.accelerator else 4  # fp16 or bf16 on an accelerator, fp32 on a CPU
+    in_ram = cdt if policy.weight_format == WeightFormat.COMPUTE else ckpt  # the CPU's device tier is RAM
+    form = {"device": cdt if hw.accelerator else in_ram, "host": ckpt if hw.accelerator else in_ram, "disk": ckpt}
+    qw = policy.compress_weight
+
+    def matrices(shapes_: tuple[tuple[int, int], ...], tier: str) -> float:
+        if qw is None:
+            return sum(n * k for n, k in shapes_) * form[tier]
+        return sum(layout_of(s, qw, qw.axis == "output").nbytes for s in shapes_)
+
+    rest = z.lookup_params + z.other_params
+    return WeightBytes({t: matrices(z.matrices, t) + rest * form[t] for t in TIERS},
+                       {t: matrices(z.kept_matrices, t) + z.lookup_params * form[t] for t in TIERS})
 
 
 def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
@@ -210,24 +236,13 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
     offload_w = assume_offload or x["wd"] > 0
     offload_c = assume_offload or x["cd"] > 0 or (acc and not policy.cpu_attention and x["cc"] > 0)
 
-    # Bytes per layer of the weights in each tier's stored form.
+    # Bytes per layer of the weights in each tier's stored form (`weight_bytes`).
     qw = policy.compress_weight
     kernel = uses_int4_kernel(hw, model, qw)
-    other = (z.other_params + z.lookup_params) * ckpt_bytes
-    if qw is not None:
-        packed = z.matrix_params * (qw.bits / 8 + 4 / qw.group_size)  # codes + fp16 scale and minimum per group
-        stored = {t: packed + other for t in TIERS}
-    else:
-        on_cpu_fmt = cdt_bytes if policy.weight_format == WeightFormat.COMPUTE else ckpt_bytes
-        mem = (z.matrix_params + z.other_params + z.lookup_params)
-        stored = {"device": mem * (cdt_bytes if acc else on_cpu_fmt), "host": mem * (ckpt_bytes if acc else on_cpu_fmt),
-                  "disk": mem * ckpt_bytes}
+    wb = weight_bytes(hw, model, policy)
+    stored = {t: wb.stored[t] / nl for t in TIERS}
+    kept = {t: wb.kept[t] / nl for t in TIERS}
     w_io = stored["disk"]  # what crosses a link: host and disk weights keep the checkpoint's (or packed) form
-    # The tables and the head stay in RAM where the placement says disk (`WeightSpec.in_memory`): their bytes
-    # in each tier's form; the disk holds, reads and stages the rest.
-    head = 0.0 if model.tied_embeddings else model.vocab_size * model.embed_dim / nl
-    kept = {t: z.lookup_params * ckpt_bytes + head * (packed / z.matrix_params) for t in TIERS} if qw else {
-        t: (z.lookup_params + head) * stored[t] / mem for t in TIERS}
     ram = "host" if acc else "device"  # where staging buffers, the process and kept weights live
     w_disk = w_io - kept["disk"]
 
@@ -248,15 +263,15 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
         convert = Lin.of(_per(z.matrix_params, hw.dequantize))
     calls = Lin.of(nb * cal.call_overhead_s)
     cache_codec = 0.0 if policy.compress_cache is None else 1.0
-    kvv = 2 * model.num_kv_heads * hd  # values of one token's keys and values
+    kvv = kv_values_per_token(model)
 
     def attention_decode() -> Lin:
-        flops = 4 * B * nh * hd * (s + n / 2)
+        flops = 4 * B * nh * hd * min(s + n / 2, model.sliding_window or math.inf)
         off = hw.cpu_attention if (acc and policy.cpu_attention) else hw.attention_decode
         return Lin.of(cg=_per(flops, hw.attention_decode), cc=_per(flops, off), cd=_per(flops, off))
 
     prefill_flops = gemm(g * s, z.flops_per_token, g)
-    attn_p = _per(4 * B * nh * hd * s * (s + 1) / 2, hw.attention_prefill)
+    attn_p = _per(attention_flops(model, B, s, s), hw.attention_prefill)
     quant_p = _per(cache_codec * B * s * kvv, hw.dequantize)
     compute_p = (Lin.of(prefill_flops + attn_p + quant_p) + convert) * cal.compute + calls
     dequant_g = _per(cache_codec * B * (s + n / 2) * kvv, hw.dequantize)
@@ -291,7 +306,7 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
     for phase in PHASES:
         rows = g * s if phase == "prefill" else g
         keys = s if phase == "prefill" else s + n
-        working = cdt_bytes * (rows * (5 * h + model.ffn_size) + g * nh * (s if phase == "prefill" else 1) * keys)
+        working = cdt_bytes * (rows * working_width(model) + g * nh * (s if phase == "prefill" else 1) * keys)
         working += 2 * B * V * 4  # fp32 logits of the block's last positions and the sampler's copy
         if cache_codec:
             working += g * (s + n) * kvv * cdt_bytes  # one micro-batch's cache dequantized for attention
@@ -301,7 +316,7 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
         if converts and not acc and qw is None:  # the CPU casts block by block (runtime.kernels.CastWeight)
             staging["device"] += CAST_BLOCK_BYTES
         elif converts:  # one layer's matrices in the compute dtype, reused across layers, and the head's own
-            staging["device"] += z.matrix_params * cdt_bytes + V * model.embed_dim * cdt_bytes  # (other shape)
+            staging["device"] += (z.matrix_params + z.head_matrix_params) * cdt_bytes  # (another shape)
         if offload_w:  # staging slots of a layer's disk weights
             staging[ram] += (PREFETCH_DEPTH + 1) * w_disk
         if offload_c:  # the staging ring: two (2, S, micro-batch, kvH, D) buffers

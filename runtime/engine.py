@@ -24,6 +24,7 @@ from runtime.layers import StepContext
 from runtime.offload import OffloadDir
 from runtime.policy import Policy, WeightFormat
 from runtime.results import CallStats, GenerateResult, Generation, RollingResult, Score, ScoreResult
+from runtime.rotary import Rotary
 from runtime.sampling import Sampler, StopChecker, validate_sampling
 from runtime.schedule import BlockRunner
 from runtime.weights import WeightStore
@@ -61,6 +62,7 @@ class Engine:
         self.runner = BlockRunner(self.layers, self.weights, self.spec, self.policy, self.device, self.dtype,
                                   io, offload)
         self.pad_id = self.spec.pad_token_id if self.spec.pad_token_id is not None else 0
+        self.rotary = Rotary(self.spec.rope, self.spec.head_dim, self.device) if self.spec.rope else None
         self._memory = PeakMemory(self.device)
 
     def close(self) -> None:
@@ -80,7 +82,7 @@ class Engine:
         for i, p in enumerate(prompts):
             self._check_length(len(p) + max_new_tokens, f"prompt {i} ({len(p)} tokens) + max_new_tokens "
                                f"({max_new_tokens})")
-        eos = self.spec.eos_token_id if stop_at_eos else None
+        eos = self.spec.eos_token_ids if stop_at_eos else ()
         checkers = [StopChecker(stop_token_sequences, eos) for _ in prompts]
         timer = _Timer(self.device)
         self._memory.reset()
@@ -144,8 +146,9 @@ class Engine:
         with torch.inference_mode():
             timer.start()
             pos = batching.positions(valid)
-            ctxs = [StepContext(pos[mb], batching.prefill_mask(valid[mb]), 0,
-                                None if all_prefill_logits else slice(T - 1, T), self.dtype) for mb in mbs]
+            window = self.spec.sliding_window
+            ctxs = [self._context(pos[mb], batching.prefill_mask(valid[mb], window), 0,
+                                  None if all_prefill_logits else slice(T - 1, T)) for mb in mbs]
             logits = _cat(self.runner.forward([ids[mb] for mb in mbs], ctxs, caches))
             next_ids = choose(0, logits)
             timer.stop("prefill")
@@ -157,11 +160,8 @@ class Engine:
                 S = T + step
                 full_valid[:, S - 1] = True
                 last_pos = last_pos + 1
-                ctxs = []
-                for mb in mbs:
-                    v = full_valid[mb, :S]
-                    mask = None if bool(v.all()) else v[:, None, None, :]  # (b, 1, 1, S)
-                    ctxs.append(StepContext(last_pos[mb, None], mask, S - 1, None, self.dtype))
+                ctxs = [self._context(last_pos[mb, None], batching.decode_mask(full_valid[mb, :S], window), S - 1)
+                        for mb in mbs]
                 xs = [next_ids[mb, None] for mb in mbs]  # (b, 1)
                 logits = _cat(self.runner.forward(xs, ctxs, caches))
                 next_ids = choose(step, logits)
@@ -230,7 +230,8 @@ class Engine:
                 T = ids.shape[1]
                 pos = batching.positions(valid)
                 mbs = batching.split(block, self.policy.gpu_batch_size)
-                ctxs = [StepContext(pos[mb], batching.prefill_mask(valid[mb]), 0, None, self.dtype) for mb in mbs]
+                window = self.spec.sliding_window
+                ctxs = [self._context(pos[mb], batching.prefill_mask(valid[mb], window), 0) for mb in mbs]
                 hidden = self.runner.forward([ids[mb] for mb in mbs], ctxs, None, stop=head)
                 w = self.weights.fetch(head)
                 for mb, h in zip(mbs, hidden):
@@ -265,6 +266,12 @@ class Engine:
             greedy[i] = greedy[i] and bool((best[r, lo - start:hi - start] == targets).all())
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _context(self, positions: torch.Tensor, mask: torch.Tensor | None, cache_start: int,
+                 logit_positions: slice | None = None) -> StepContext:
+        """A micro-batch's step context; rotary models get their cos/sin here, once for all layers."""
+        rot = self.rotary(positions, self.dtype) if self.rotary is not None else None
+        return StepContext(positions, mask, cache_start, logit_positions, self.dtype, rot)
+
     def _check_length(self, n: int, what: str) -> None:
         if n > self.spec.max_positions:
             raise InputError(f"{what} = {n} tokens exceeds the model's {self.spec.max_positions} positions; "

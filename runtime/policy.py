@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 
@@ -110,6 +111,44 @@ class QuantConfig:
 
     def to_json(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "axis": self.axis, "method": self.method}
+
+
+@dataclass(frozen=True)
+class QuantLayout:
+    """Sizes of the packed parts of a (rows, cols) tensor; all three live in one flat uint8 buffer."""
+
+    rows: int
+    cols: int
+    config: QuantConfig
+
+    @property
+    def groups(self) -> int:
+        return math.ceil(self.cols / self.config.group_size)
+
+    @property
+    def padded_cols(self) -> int:
+        return self.groups * self.config.group_size
+
+    @property
+    def data_bytes(self) -> int:
+        return self.rows * self.padded_cols * self.config.bits // 8
+
+    @property
+    def meta_bytes(self) -> int:
+        return self.rows * self.groups * 2  # one fp16 per group, for each of scale and minimum
+
+    @property
+    def nbytes(self) -> int:
+        return self.data_bytes + 2 * self.meta_bytes
+
+
+def layout_of(shape: tuple[int, ...], config: QuantConfig, transpose: bool = False) -> QuantLayout:
+    """The layout of a tensor of `shape` viewed as rows x last dim (or its 2-D transpose)."""
+    if transpose:
+        if len(shape) != 2:
+            raise ValueError(f"output-axis grouping needs a matrix, got shape {shape}")
+        return QuantLayout(shape[1], shape[0], config)
+    return QuantLayout(math.prod(shape[:-1]), shape[-1], config)
 
 
 @dataclass(frozen=True)

@@ -14,52 +14,13 @@ otherwise stretch the step for all its other values).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from runtime.policy import QuantConfig
+from runtime.policy import QuantConfig, QuantLayout, layout_of  # noqa: F401  (layout_of: re-exported)
 
 _SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # clipping ratios tried by method="search"
-
-
-@dataclass(frozen=True)
-class QuantLayout:
-    """Sizes of the packed parts of a (rows, cols) tensor; all three live in one flat uint8 buffer."""
-
-    rows: int
-    cols: int
-    config: QuantConfig
-
-    @property
-    def groups(self) -> int:
-        return math.ceil(self.cols / self.config.group_size)
-
-    @property
-    def padded_cols(self) -> int:
-        return self.groups * self.config.group_size
-
-    @property
-    def data_bytes(self) -> int:
-        return self.rows * self.padded_cols * self.config.bits // 8
-
-    @property
-    def meta_bytes(self) -> int:
-        return self.rows * self.groups * 2  # one fp16 per group, for each of scale and minimum
-
-    @property
-    def nbytes(self) -> int:
-        return self.data_bytes + 2 * self.meta_bytes
-
-
-def layout_of(shape: tuple[int, ...], config: QuantConfig, transpose: bool = False) -> QuantLayout:
-    """The layout of a tensor of `shape` viewed as rows x last dim (or its 2-D transpose)."""
-    if transpose:
-        if len(shape) != 2:
-            raise ValueError(f"output-axis grouping needs a matrix, got shape {shape}")
-        return QuantLayout(shape[1], shape[0], config)
-    return QuantLayout(math.prod(shape[:-1]), shape[-1], config)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ logits, which draws exactly from softmax(logits / temperature) restricted to the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -61,11 +61,11 @@ class Sampler:
 
 
 class StopChecker:
-    """Tracks one row's output and whether it ended (EOS or any stop sequence, of any length)."""
+    """Tracks one row's output and whether it ended (any EOS token or stop sequence, of any length)."""
 
-    def __init__(self, stop_sequences: Sequence[Sequence[int]], eos_token_id: int | None) -> None:
+    def __init__(self, stop_sequences: Sequence[Sequence[int]], eos_token_ids: Collection[int] = ()) -> None:
         self.stops = [list(s) for s in stop_sequences if len(s) > 0]
-        self.eos = eos_token_id
+        self.eos = frozenset(eos_token_ids)
         self.ids: list[int] = []
         self.logprobs: list[float] = []
         self.reason: str | None = None
@@ -74,7 +74,7 @@ class StopChecker:
         """Append a token; True when the row has just finished."""
         self.ids.append(token)
         self.logprobs.append(logprob)
-        if self.eos is not None and token == self.eos:
+        if token in self.eos:
             self._finish("eos", 1)
             return True
         for s in self.stops:

@@ -363,13 +363,13 @@ def weight_levels(spec, compress_weight=None) -> list[float]:
     takes them, kept ones included."""
     from collections import Counter
 
-    from runtime.families import get_family
+    from runtime.shapes import layout
 
     codec = WeightCodec(compress_weight, torch.device("cpu")) if compress_weight else None
     dtype = getattr(torch, spec.torch_dtype)
     kinds: Counter = Counter()
-    for layer in get_family(spec.family).build_layers(spec):
-        sizes = [stored_size(s, codec, dtype) for s in layer.weight_specs()]
+    for layer in layout(spec):
+        sizes = [stored_size(s, codec, dtype) for s in layer.weights]
         if sum(sizes):
             kinds[_bounds(sizes)] += 1
     if not kinds:

@@ -23,15 +23,26 @@ def tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_opt(tmp_path_factory, tokenizer_dir):
     """`tiny_opt(variant, layout, dtype)` -> (folder, HF reference model); each built once."""
+    return _once(tmp_path_factory, tokenizer_dir, tiny_models.build_opt, "pre")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer_dir):
+    """`tiny_llama(variant, layout, dtype)` -> (folder, HF reference model) of a Llama-family variant
+    (`tiny_models.LLAMA_VARIANTS`); each built once."""
+    return _once(tmp_path_factory, tokenizer_dir, tiny_models.build_llama, "llama-gqa")
+
+
+def _once(factory, tokenizer_dir, build, default: str):
     import torch
 
     built = {}
 
-    def get(variant="pre", layout="safetensors", dtype=torch.float32):
+    def get(variant=default, layout="safetensors", dtype=torch.float32):
         key = (variant, layout, dtype)
         if key not in built:
-            out = tmp_path_factory.mktemp(f"opt-{variant}-{layout}")
-            built[key] = (out, tiny_models.build_opt(out, variant, layout, dtype, tokenizer=tokenizer_dir))
+            out = factory.mktemp(f"{variant}-{layout}")
+            built[key] = (out, build(out, variant, layout, dtype, tokenizer=tokenizer_dir))
         return built[key]
 
     return get

@@ -2,8 +2,8 @@
 
 Both engines get the same prompts (random token ids, all of one length, so no padding), the same batch,
 greedy decoding and exactly `output_len` new tokens, fp32 compute. Ours: `Engine.generate`, throughput
-from its own prefill/decode timers. HF: `OPTForCausalLM.generate` under `inference_mode`, timed by wall
-clock; its prefill is estimated by a separate `max_new_tokens=1` call in the same repetition and its
+from its own prefill/decode timers. HF: `generate` of `AutoModelForCausalLM` under `inference_mode`, timed by
+wall clock; its prefill is estimated by a separate `max_new_tokens=1` call in the same repetition and its
 decode as the rest. The roofline (roofline.py) is measured in the same run.
 """
 
@@ -26,18 +26,18 @@ Runner = Callable[[int], tuple[Row, Ids]]  # rep -> (timings, generated ids per 
 
 
 def run(w: Workload, out_dir: Path) -> str:
-    arch = models.ARCHS[w.model]
+    spec = models.spec(w.model)
     path = models.ensure_model(w.model)
     other = OtherLoad()
     print(f"{w.name}: {w.model} batch {w.batch}, prompt {w.prompt_len}, output {w.output_len}, "
           f"{w.repeats} A/B pairs, {torch.get_num_threads()} threads", flush=True)
-    prompts = random_prompts(w, arch.vocab)
+    prompts = random_prompts(w, spec.vocab_size)
     ours, hf = ours_runner(path, w, prompts), hf_runner(path, w, prompts)  # both loaded before timing
     check_same_ids(w.name, ours(-1)[1], hf(-1)[1])  # the warm-ups double as the correctness check
     pairs = alternate(lambda rep: ours(rep)[0], lambda rep: hf(rep)[0], w.repeats)
     steps = roofline.generate_steps(w.batch, w.prompt_len, w.output_len)
-    machine = roofline.measure(arch, steps, w.ram_probe_bytes)
-    roof_prefill, roof_decode = roofline.roofline(arch, steps, machine)
+    machine = roofline.measure(spec, steps, w.ram_probe_bytes)
+    roof_prefill, roof_decode = roofline.roofline(spec, steps, machine)
 
     ours_rows, hf_rows = [a for a, _ in pairs], [b for _, b in pairs]
     roof = Row("roofline", 0, roof_prefill + roof_decode, roof_prefill, roof_decode, ours_rows[0].tokens)
@@ -58,7 +58,7 @@ def run(w: Workload, out_dir: Path) -> str:
 
 
 def random_prompts(w: Workload, vocab: int) -> Ids:
-    """Seeded random ids above OPT's special tokens (pad 1, bos/eos 2), all `prompt_len` long."""
+    """Seeded random ids above the special tokens (OPT: pad 1, bos/eos 2; Llama: 0-2), all `prompt_len` long."""
     g = torch.Generator().manual_seed(0)
     return torch.randint(4, vocab, (w.batch, w.prompt_len), generator=g).tolist()
 
@@ -99,20 +99,21 @@ def hf_runner(path: Path, w: Workload, prompts: Ids) -> Runner:
 
 
 def load_hf(path: Path, **kwargs):
-    """HF `OPTForCausalLM` in fp32 (CPU compute: fp16 matmuls crawl here); `kwargs` go to `from_pretrained`."""
-    from transformers import OPTForCausalLM
+    """The HF model (`AutoModelForCausalLM`: OPT, Llama, ...) in fp32 (CPU compute: fp16 matmuls crawl here);
+    `kwargs` go to `from_pretrained`."""
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # generation-config chatter and progress bars would bury the record lines
     logging.disable_progress_bar()
-    return OPTForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
 
 
 def hf_generate(model, ids: torch.Tensor, n: int, **kwargs) -> torch.Tensor:
     """Greedy `generate` of exactly `n` new tokens for (B, T) prompts of one length (no padding)."""
     with torch.inference_mode():
         return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                              min_new_tokens=n, do_sample=False, pad_token_id=model.config.pad_token_id, **kwargs)
+                              min_new_tokens=n, do_sample=False, pad_token_id=model.config.pad_token_id or 0, **kwargs)
 
 
 def check_same_ids(name: str, ours: Ids, hf: Ids) -> float:

@@ -21,13 +21,13 @@ _GiB = 2**30
 
 
 def run(w: Workload, out_dir: Path) -> str:
-    arch = models.ARCHS[w.model]
+    spec = models.spec(w.model)
     path = models.ensure_model(w.model)
     other = OtherLoad()
     limit = w.ram_budget
     print(f"{w.name}: {w.model}, {w.batch} prompts, prompt {w.prompt_len}, output {w.output_len}, RAM budget "
           f"{limit / _GiB:.3g} GiB for the whole process", flush=True)
-    prompts = w1.random_prompts(w, arch.vocab)
+    prompts = w1.random_prompts(w, spec.vocab_size)
     plan, _ = budget.plan_auto(path, w.batch, w.prompt_len, w.output_len, limit)
     print(f"{w.name} auto plan: {plan.policy.gpu_batch_size}x{plan.policy.num_gpu_batches}, weight_format "
           f"{plan.policy.weight_format.value}, weights on disk {plan.policy.weights.disk:.0%}, cache on disk "

@@ -66,7 +66,7 @@ _GiB = 2**30
 
 
 def run(w: Workload, out_dir: Path) -> str:
-    arch = models.ARCHS[w.model]
+    spec = models.spec(w.model)
     path = models.ensure_model(w.model)
     baseline = _accelerate_available(w)
     other = OtherLoad()
@@ -74,12 +74,12 @@ def run(w: Workload, out_dir: Path) -> str:
     print(f"{w.name}: {w.model} fp16, at most {budget / _GiB:.3g} GiB of weights in RAM, batch {w.batch}, "
           f"prompt {w.prompt_len}, output {w.output_len}, {w.repeats} A/B pairs, {torch.get_num_threads()} threads",
           flush=True)
-    prompts = w1.random_prompts(w, arch.vocab)
+    prompts = w1.random_prompts(w, spec.vocab_size)
 
     # The machine, measured before any engine runs: GEMM peaks, RAM and disk bandwidth
     files = sorted(path.glob("*.safetensors"))
     steps = roofline.generate_steps(w.batch, w.prompt_len, w.output_len)
-    machine = roofline.measure(arch, steps, w.ram_probe_bytes, disk_model=path)
+    machine = roofline.measure(spec, steps, w.ram_probe_bytes, disk_model=path)
     disk_bytes = max(0, sum(f.stat().st_size for f in files) - budget)
     fractions = resident_fractions(path, budget)
 
@@ -110,7 +110,7 @@ def run(w: Workload, out_dir: Path) -> str:
     # The disk's rate moves over minutes here: measured again after the runs, the roof takes the better one
     disk_rates = (machine.disk_bytes_per_s, roofline.disk_bandwidth(path))
     machine = replace(machine, disk_bytes_per_s=max(disk_rates))
-    roof_prefill, roof_decode = roofline.roofline(arch, steps, machine, disk_bytes)
+    roof_prefill, roof_decode = roofline.roofline(spec, steps, machine, disk_bytes)
     cores = other.cores()  # after the workers are joined, so their CPU time is this run's own
 
     # Report

@@ -111,10 +111,10 @@ def accelerate_device_map(path: Path, budget: int) -> tuple[dict[str, str], int,
     """(device map, fp32 bytes resident on "cpu", checkpoint bytes on "disk") filling `budget` in order.
 
     Units are accelerate's: modules of the model's `_no_split_modules` classes, else leaf modules. A unit
-    whose weights are all tied to an already placed one (OPT's head) follows it, as accelerate requires.
+    whose weights are all tied to an already placed one (a tied head) follows it, as accelerate requires.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, OPTForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from runtime.checkpoint import Checkpoint
 
@@ -122,7 +122,7 @@ def accelerate_device_map(path: Path, budget: int) -> tuple[dict[str, str], int,
     stored = ckpt.storage_dtype().itemsize
     ckpt.close()
     with init_empty_weights():
-        meta = OPTForCausalLM(AutoConfig.from_pretrained(path))
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     meta.tie_weights()
     device_map: dict[str, str] = {}
     placed: dict[int, str] = {}  # id(parameter) -> device

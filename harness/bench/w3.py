@@ -41,7 +41,7 @@ _GiB = 2**30
 def run(w: Workload, out_dir: Path) -> str:
     from runtime.policy import QuantConfig
 
-    arch = models.ARCHS[w.model]
+    spec = models.spec(w.model)
     path = models.ensure_model(w.model)
     other = OtherLoad()
     budget = w.weight_ram_bytes
@@ -50,7 +50,7 @@ def run(w: Workload, out_dir: Path) -> str:
     print(f"{w.name}: {w.model} fp16 vs 4-bit weights + cache, at most {budget / _GiB:.3g} GiB of weights in RAM, "
           f"batch {w.batch}, prompt {w.prompt_len}, output {w.output_len}, {w.repeats} A/B pairs, "
           f"{torch.get_num_threads()} threads", flush=True)
-    prompts = w1.random_prompts(w, arch.vocab)
+    prompts = w1.random_prompts(w, spec.vocab_size)
     with tempfile.TemporaryDirectory(prefix="flexhelm-w3-") as scratch, ExitStack() as stack:
         watched = [path, Path(scratch)]
         best, sweeps, tiers, sides = {}, {}, {}, {}

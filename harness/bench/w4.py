@@ -62,7 +62,6 @@ def run(w: Workload, out_dir: Path) -> str:
     from runtime.cost_model import predict
 
     path = models.ensure_model(w.model)
-    arch = models.ARCHS[w.model]
     spec_model = model_spec(path)
     other = OtherLoad()
     setups = list(zip(W4_SETUPS, (w, replace(w, batch=max(1, w.batch // 4), ram_budget=2 * _GiB)),
@@ -73,7 +72,7 @@ def run(w: Workload, out_dir: Path) -> str:
     for name, s, grid in setups:
         grid = grid[:QUICK_GRID] if w.quick else grid
         grid = [replace(p, gpu_batch_size=min(p.gpu_batch_size, s.batch)) for p in grid]
-        prompts = w1.random_prompts(s, arch.vocab)
+        prompts = w1.random_prompts(s, spec_model.vocab_size)
         plan, hw = budget.plan_auto(path, s.batch, s.prompt_len, s.output_len, s.ram_budget)
         work = CostWorkload(s.prompt_len, s.output_len, s.batch)
         print(f"{w.name} {name} setup: {s.batch} prompts, budget {s.ram_budget / _GiB:.3g} GiB; {len(grid)} "

@@ -36,12 +36,18 @@ class Workload:
     measured in separate sittings of an idle machine."""
 
     def shrink(self) -> Workload:
-        """The quick variant: a tiny model and a few tokens, same code path, for a smoke test."""
-        # opt-tiny holds 7.1 MB of fp16 weights, 6.7 of them the embedding tables, which stay in RAM: 6.4 MiB
-        # keeps most decoder layers on disk
-        budget = None if self.weight_ram_bytes is None else int(6.4 * 2**20)
-        return replace(self, model="opt-tiny", batch=4, prompt_len=16, output_len=8, repeats=1,
+        """The quick variant: a tiny model of the same family and a few tokens, same code path, for a smoke test."""
+        from harness.bench.models import ARCHS, spec
+
+        tiny = "opt-tiny" if self.model not in ARCHS or spec(self.model).family == "opt" else "llama-tiny"
+        budget = None if self.weight_ram_bytes is None else _QUICK_BUDGET[tiny]
+        return replace(self, model=tiny, batch=4, prompt_len=16, output_len=8, repeats=1,
                        ram_probe_bytes=32 * 2**20, weight_ram_bytes=budget, quick=True)
+
+
+_QUICK_BUDGET = {"opt-tiny": int(6.4 * 2**20), "llama-tiny": int(0.3 * 2**20)}
+"""Weights in RAM of the quick offloading workloads: the tables (opt-tiny: 6.7 of its 7.1 MB of fp16 weights;
+llama-tiny: 0.25 of 0.4 MB), which stay in RAM, and a part of a decoder layer, so most layers stream from disk."""
 
 
 _ALL = (
@@ -54,6 +60,13 @@ _ALL = (
     Workload("W2", "offloading: opt-1.3b stored fp16, at most 0.5 GiB of weights in RAM, the rest read from "
              "disk past the page cache, batch 16, prompt 32, output 32; ours/accelerate throughput and fraction "
              "of roofline", "opt-1.3b", 16, 32, 32, repeats=3, weight_ram_bytes=2**29, module="w2"),
+    Workload("W1L", "engine efficiency, Llama family: TinyLlama-1.1B's shape (GQA 32/4 heads, SwiGLU), batch 8, "
+             "prompt 64, output 32, all in RAM, fp32; ours/HF generate throughput and fraction of roofline",
+             "tinyllama-1.1b", 8, 64, 32),
+    Workload("W2L", "offloading, Llama family: W2's setup on TinyLlama-1.1B's shape (stored fp16, at most 0.5 GiB of "
+             "weights in RAM, the rest read from disk past the page cache, batch 16, prompt 32, output 32); "
+             "ours/accelerate throughput and fraction of roofline", "tinyllama-1.1b", 16, 32, 32, repeats=3,
+             weight_ram_bytes=2**29, module="w2"),
     Workload("W3", "compression: W2's setup with 4-bit weights and KV cache (group 64) against fp16, both ours; "
              "4bit/fp16 throughput", "opt-1.3b", 16, 32, 32, repeats=1, weight_ram_bytes=2**29, module="w3"),
     Workload("W1c", "value of the policy: opt-1.3b, 64 prompts, prompt 32, output 32, 6 GiB for the whole process; "

@@ -1,7 +1,9 @@
-"""Model families: one module per family, each exposing `spec_from_config` and `build_layers`.
+"""Model families: per family a torch-free config module (`spec_from_config`, `layout`: the weights of each layer)
+and a math module (`build_layers`: the layers' `forward`s, `runtime.layers.Layer`), so the engine, the tiers,
+the schedule and the cost model never know which family runs.
 
-A family turns a config into a `ModelSpec` and a model into a list of layers with the same interface
-(`runtime.layers.Layer`), so the engine, the tiers and the schedule never know which family runs.
+Families: `opt` (OPTForCausalLM) and `llama` (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM: one
+architecture, configured).
 """
 
 from __future__ import annotations
@@ -10,31 +12,40 @@ from types import ModuleType
 
 from runtime.errors import CheckpointError
 
-_FAMILIES = {"opt": "runtime.families.opt"}
-_CONFIGS = {"opt": "runtime.families.opt_config"}
-"""Per family, the torch-free module with its `spec_from_config`."""
+_FAMILY_OF = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
+"""config.json's `model_type` -> the family that computes it (`ModelSpec.family`)."""
 
 
 def supported_model_types() -> list[str]:
-    return sorted(_FAMILIES)
+    return sorted(_FAMILY_OF)
 
 
-def get_family(model_type: str | None) -> ModuleType:
-    """The family module for a config's `model_type`, or a clear error naming the supported ones."""
-    return _module(_FAMILIES, model_type)
+def get_family(name: str | None) -> ModuleType:
+    """The math module of a family (`ModelSpec.family`) or of a config's `model_type`."""
+    import importlib
+
+    return importlib.import_module(f"runtime.families.{_family(name)}")
 
 
 def spec_from_config(config: dict):
     """The `ModelSpec` of a `config.json` (its family's `spec_from_config`, without importing torch)."""
-    return _module(_CONFIGS, config.get("model_type")).spec_from_config(config)
+    return _config_module(config.get("model_type")).spec_from_config(config)
 
 
-def _module(table: dict[str, str], model_type: str | None) -> ModuleType:
+def layout(spec) -> list:
+    """The `LayerShape`s of a model: its layers and their weights, without importing torch."""
+    return _config_module(spec.family).layout(spec)
+
+
+def _config_module(name: str | None) -> ModuleType:
     import importlib
 
-    if model_type not in table:
+    return importlib.import_module(f"runtime.families.{_family(name)}_config")
+
+
+def _family(name: str | None) -> str:
+    if name not in _FAMILY_OF:
         raise CheckpointError(
-            f"unsupported model_type {model_type!r} in config.json; flexhelm supports: "
-            f"{', '.join(supported_model_types())}"
+            f"unsupported model_type {name!r} in config.json; flexhelm supports: {', '.join(supported_model_types())}"
         )
-    return importlib.import_module(table[model_type])
+    return _FAMILY_OF[name]

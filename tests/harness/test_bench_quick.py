@@ -10,8 +10,10 @@ from harness.bench import WORKLOADS, run
 
 SUMMARY = {
     "W1a": r"W1a ours/hf=\d+\.\d\d roofline=\d+\.\d\d",
+    "W1L": r"W1L ours/hf=\d+\.\d\d roofline=\d+\.\d\d",
     # accelerate is optional in quick mode: without it the baseline is skipped and the ratio is n/a
     "W2": r"W2 ours/accelerate=(\d+\.\d\d|n/a) roofline=\d+\.\d\d peak_rss_gb=\d+\.\d\d",
+    "W2L": r"W2L ours/accelerate=(\d+\.\d\d|n/a) roofline=\d+\.\d\d peak_rss_gb=\d+\.\d\d",
     "W3": r"W3 4bit/fp16=\d+\.\d\d",
     "W1c": r"W1c ours/hf_best=(\d+\.\d\d|n/a)",
     "W4": r"W4 auto/best=(\d+\.\d\d|n/a) median_abs_pred_err=\d+\.\d\d",
@@ -28,13 +30,14 @@ def test_quick_runs_and_prints_summary(name, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == summary  # the summary is the last line
     assert (tmp_path / "out" / f"{name}.csv").is_file()
     if name != "quality":  # which runs on the shipped reference model
-        assert (tmp_path / "cache" / "bench-models" / "opt-tiny" / "config.json").is_file()
+        tiny = "llama-tiny" if name.endswith("L") else "opt-tiny"  # a tiny model of the workload's family
+        assert (tmp_path / "cache" / "bench-models" / tiny / "config.json").is_file()
 
 
 def test_unknown_workload_lists_known_names():
     with pytest.raises(ValueError, match=", ".join(sorted(WORKLOADS))):
         run("W9")
-    assert set(WORKLOADS) == {"W1a", "W1b", "W1c", "W2", "W3", "W4", "W5", "quality"}
+    assert set(WORKLOADS) == {"W1a", "W1b", "W1L", "W1c", "W2", "W2L", "W3", "W4", "W5", "quality"}
 
 
 def test_w4_measures_one_setup_alone(tmp_path, monkeypatch, capsys):

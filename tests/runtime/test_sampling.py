@@ -69,7 +69,7 @@ def test_eos_stops_a_row(tiny_opt):
     engine = Engine(path)
     free = engine.generate(PROMPTS, 12, stop_at_eos=False).generations
     tok = free[1].output_ids[2]
-    object.__setattr__(engine.spec, "eos_token_id", tok)  # pretend that token is EOS
+    object.__setattr__(engine.spec, "eos_token_ids", (tok,))  # pretend that token is EOS
     res = engine.generate(PROMPTS, 12).generations
     assert res[1].finish_reason == "eos"
     assert res[1].output_ids == free[1].output_ids[: free[1].output_ids.index(tok)]

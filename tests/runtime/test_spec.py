@@ -57,3 +57,84 @@ def test_config_errors_name_the_problem():
         family.spec_from_config({**opt_config("125m"), "num_attention_heads": 7})
     with pytest.raises(CheckpointError, match="activation_function 'swish'"):
         family.spec_from_config({**opt_config("125m"), "activation_function": "swish"})
+
+
+# Published Llama-family shapes (the benchmark models' configs, and two planned only): parameter counts and the
+# weight layout against HF's own classes on the meta device.
+LLAMA_FAMILY = ["smollm2-135m", "tinyllama-1.1b", "llama-3.2-1b", "llama-3-70b", "qwen2.5-72b"]
+
+
+@pytest.mark.parametrize("name", LLAMA_FAMILY)
+def test_llama_family_spec_and_layout_match_hf(name):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from harness.bench.models import ARCHS, PLAN_ONLY
+    from runtime.families import spec_from_config
+
+    config = {**ARCHS, **PLAN_ONLY}[name]
+    spec = spec_from_config(config)
+    hf_config = AutoConfig.for_model(config["model_type"], **{k: v for k, v in config.items() if k != "model_type"})
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(hf_config)
+    shapes = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+    assert spec.num_parameters() == sum(p.numel() for p in hf.parameters())
+    covered = set()
+    for layer in get_family(spec.family).build_layers(spec):
+        for w in layer.weight_specs():
+            rows = sum(shapes[s][0] for s in w.sources)
+            assert (rows, *shapes[w.sources[0]][1:]) == w.shape, (w.key, w.sources)
+            covered.update(w.sources)
+    tied = {"lm_head.weight"} if spec.tied_embeddings else set()
+    assert covered == set(shapes) - tied
+    assert spec.q_size // spec.kv_size == spec.num_heads // spec.num_kv_heads
+
+
+def llama_config(**overrides) -> dict:
+    return {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 100, **overrides}
+
+
+def test_llama_config_reads_both_rope_formats_head_dim_and_eos_lists():
+    from runtime.families import spec_from_config
+
+    old = spec_from_config(llama_config(rope_theta=5e5, rope_scaling={"type": "linear", "factor": 4.0}))
+    new = spec_from_config(llama_config(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5}))
+    assert old.rope == new.rope and (old.rope.type, old.rope.theta, old.rope.factor) == ("linear", 5e5, 4.0)
+    spec = spec_from_config(llama_config(head_dim=32, eos_token_id=[7, 9], max_position_embeddings=100,
+                                         rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    assert (spec.head_dim, spec.q_size, spec.kv_size, spec.eos_token_ids) == (32, 128, 64, (7, 9))
+    assert spec.max_positions == 200  # dynamic NTK scaling exists to run beyond the pre-training context
+    qwen = spec_from_config(llama_config(model_type="qwen2", sliding_window=4096, use_sliding_window=False))
+    assert (qwen.qkv_bias, qwen.out_bias, qwen.sliding_window) == (True, False, None)
+    mistral = spec_from_config(llama_config(model_type="mistral", sliding_window=4096))
+    assert (mistral.qkv_bias, mistral.sliding_window) == (False, 4096)
+
+
+def test_generation_config_eos_tokens_join_the_configs(tmp_path):
+    import json
+
+    from runtime.families import spec_from_config
+    from runtime.spec import read_config
+
+    (tmp_path / "config.json").write_text(json.dumps(llama_config(eos_token_id=5)))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 6, 8]}))
+    assert spec_from_config(read_config(tmp_path)).eos_token_ids == (5, 6, 8)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling type 'yarn' is not supported"),
+    ({"rope_parameters": {"rope_type": "longrope"}}, "'longrope' is not supported"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
+    ({"num_key_value_heads": 3}, "not a multiple of num_kv_heads"),
+    ({"intermediate_size": None}, "impossible model|intermediate_size"),
+    ({"model_type": "gemma"}, "unsupported model_type 'gemma'.*llama, mistral, opt, qwen2"),
+])
+def test_llama_config_errors_name_the_problem(overrides, match):
+    from runtime.families import spec_from_config
+
+    config = llama_config(**overrides)
+    if config["intermediate_size"] is None:
+        del config["intermediate_size"]
+    with pytest.raises(CheckpointError, match=match):
+        spec_from_config(config)

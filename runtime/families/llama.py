@@ -1,0 +1,77 @@
+"""The Llama family's math (Llama 1/2/3, SmolLM2, TinyLlama, Mistral, Qwen2/2.5), as in HF `LlamaForCausalLM`,
+`MistralForCausalLM` and `Qwen2ForCausalLM`: RMSNorm, rotary positions (cos/sin from `StepContext.rotary`),
+grouped-query attention over a cache of the KV heads only, a SwiGLU MLP. Weights and their layout:
+`runtime.families.llama_config`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from runtime import layers, rotary
+from runtime.families.llama_config import layout
+from runtime.families.llama_config import spec_from_config as spec_from_config  # re-exported: the family's API
+from runtime.kernels import linear
+from runtime.layers import ShapedLayer, StepContext, attention
+from runtime.spec import LayerShape, ModelSpec
+
+_ACTIVATIONS = {"silu": F.silu}
+
+
+def build_layers(spec: ModelSpec) -> list:
+    return layers.build_layers(spec, layout(spec), {"embedding": Embedding, "decoder": DecoderLayer, "head": Head})
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's LlamaRMSNorm: normalized in fp32, cast back to x's dtype, then scaled."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+
+
+class Embedding(ShapedLayer):
+    """Token ids (B, T) -> hidden states (B, T, h): the token table only (positions are rotary)."""
+
+    def forward(self, w, x, ctx: StepContext, cache=None):
+        return F.embedding(x, w["tokens"]).to(ctx.dtype)  # (B, T, h)
+
+
+class DecoderLayer(ShapedLayer):
+    """One decoder layer: (B, T, h) -> (B, T, h), appending its rotated keys and values to the cache."""
+
+    has_cache = True
+
+    def __init__(self, spec: ModelSpec, shape: LayerShape) -> None:
+        super().__init__(spec, shape)
+        self.act = _ACTIVATIONS[spec.activation]
+
+    def forward(self, w, x, ctx: StepContext, cache):
+        s = self.spec
+        B, T, _ = x.shape
+        nh, kvh, d = s.num_heads, s.num_kv_heads, s.head_dim
+
+        hidden = rms_norm(x, w["attn_norm.weight"], s.norm_eps)
+        qkv = linear(hidden, w["qkv.weight"], w.get("qkv.bias"))  # (B, T, (nh + 2 kvh) d)
+        q, k, v = qkv.split((nh * d, kvh * d, kvh * d), dim=-1)
+        q = q.view(B, T, nh, d).transpose(1, 2)  # (B, nh, T, d)
+        k = k.view(B, T, kvh, d).transpose(1, 2)  # (B, kvh, T, d)
+        v = v.view(B, T, kvh, d).transpose(1, 2)
+        cos, sin = ctx.rotary
+        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+        # the cache appends this step's keys/values and attends over all of them, on whichever tier
+        a = attention(q, k, v, ctx) if cache is None else cache.attend(q, k, v, ctx)  # (B, nh, T, d)
+        x = x + linear(a.transpose(1, 2).reshape(B, T, nh * d), w["out.weight"], w.get("out.bias"))
+
+        hidden = rms_norm(x, w["mlp_norm.weight"], s.norm_eps)
+        gate, up = linear(hidden, w["gate_up.weight"], w.get("gate_up.bias")).chunk(2, dim=-1)  # (B, T, f) each
+        return x + linear(self.act(gate).mul_(up), w["down.weight"], w.get("down.bias"))
+
+
+class Head(ShapedLayer):
+    """Hidden states (B, T, h) -> logits (B, T', vocab) at `ctx.logit_positions` only."""
+
+    def forward(self, w, x, ctx: StepContext, cache=None):
+        if ctx.logit_positions is not None:
+            x = x[:, ctx.logit_positions]  # (B, T', h): the head is the widest matmul; skip unused rows
+        return linear(rms_norm(x, w["norm.weight"], self.spec.norm_eps), w["lm_head"])  # (B, T', vocab)
