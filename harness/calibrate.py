@@ -1,11 +1,11 @@
 """`flexhelm profile --fit`: fit the cost model's efficiency factors to a few short measured runs.
 
 FlexGen's fit script meant to fit its constants to measured runs; this does it for our three factors
-(`runtime.hardware.Calibration`). A random-weight OPT (harness/bench/models.py, built once) generates a
-few short batches under policies that stress different terms: all in RAM at several batch shapes
-(compute and per-call overhead) and weights read from disk (I/O). Per phase of each run the cost model,
-uncalibrated, gives the compute seconds C, the number of (layer, micro-batch) calls K and the I/O seconds
-D; then
+(`runtime.hardware.Calibration`). A random-weight model (harness/bench/models.py, built once; OPT-125m or a
+Llama-family shape, `--fit-model`) generates a few short batches under policies that stress different terms:
+all in RAM at several batch shapes (compute and per-call overhead) and weights read from disk (I/O). Per phase
+of each run the cost model, uncalibrated, gives the compute seconds C, the number of (layer, micro-batch)
+calls K and the I/O seconds D; then
 - compute and call overhead: non-negative least squares of measured ~ a * C + o * K over the phases of
   the runs that read nothing from disk;
 - io factor b and overlap v: over the disk runs' phases, the grid point with the least squared log error
@@ -25,9 +25,13 @@ from pathlib import Path
 from harness.auto_policy import model_spec
 
 PROMPT_LEN, GEN_LEN, SEQS = 32, 8, 8
+FIT_MODEL = "opt-125m"
+FIT_MODELS = ("opt-125m", "smollm2-135m", "opt-tiny", "llama-tiny")
+"""Random-weight models (`harness.bench.models`) the fit may run: the efficiency factors are of the machine and
+the engine, but a Llama-shaped model measures the kernels (GQA, SwiGLU, rotary) that Llama-family plans use."""
 
 
-def fit(hw, model: str = "opt-125m", log=print):
+def fit(hw, model: str = FIT_MODEL, log=print):
     """`hw` with a `Calibration` fitted to runs of the random-weight `model` on this machine."""
     import numpy as np
     from scipy.optimize import nnls

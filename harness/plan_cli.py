@@ -8,6 +8,7 @@ import json
 import sys
 
 from harness import auto_policy
+from harness.calibrate import FIT_MODEL, FIT_MODELS
 
 _GiB = 2**30
 
@@ -67,7 +68,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.fit:
         from harness.calibrate import fit
 
-        hw = fit(hw, log=log)
+        hw = fit(hw, model=args.fit_model, log=log)
     path = hw.save(args.out or cached_path())
     print(json.dumps(hw.to_json(), indent=2) if args.json else f"hardware profile written to {path}")
     return 0
@@ -94,5 +95,8 @@ def add_parsers(sub) -> None:
     f.add_argument("--offload-dir", help="folder whose disk is measured (default: the offload folder)")
     f.add_argument("--fit", action="store_true", help="also time a few short runs and fit the cost model's "
                                                       "efficiency factors to them")
+    f.add_argument("--fit-model", default=FIT_MODEL, choices=FIT_MODELS,
+                   help=f"random-weight model the --fit runs use (default {FIT_MODEL}; a Llama-family shape where "
+                        "the models you plan for are)")
     f.add_argument("--json", action="store_true", help="print the profile")
     f.set_defaults(func=cmd_profile)

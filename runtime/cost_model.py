@@ -156,6 +156,14 @@ def _per(nbytes: float, rate: float) -> float:
     return nbytes / rate if rate > 0 else math.inf
 
 
+def compute_dtype(hw: HardwareSpec, model: ModelSpec) -> str:
+    """What the runtime computes in (`runtime.device.compute_dtype`): fp32 on a CPU; on an accelerator bf16 for a
+    bf16 checkpoint where the device has native bf16 (the profile then has its rate), else fp16."""
+    if not hw.accelerator:
+        return "float32"
+    return "bfloat16" if model.torch_dtype == "bfloat16" and "bfloat16" in hw.matmul else "float16"
+
+
 def uses_int4_kernel(hw: HardwareSpec, model: ModelSpec, q: QuantConfig | None) -> bool:
     """Whether the runtime computes compressed weights in the fused CPU int4 kernel (runtime.compressed)."""
     return (q is not None and not hw.accelerator and "int4" in hw.matmul and q.bits == 4 and q.axis == "input"
@@ -226,7 +234,7 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
     functions of its placement; `assume_offload`: count offload-only buffers whatever the placement."""
     acc, cal = hw.accelerator, hw.calibration
     ckpt_bytes = _DTYPE_BYTES.get(model.torch_dtype, 4)
-    cdt = ("bfloat16" if model.torch_dtype == "bfloat16" else "float16") if acc else "float32"
+    cdt = compute_dtype(hw, model)
     cdt_bytes = _DTYPE_BYTES[cdt]
     z = _sizes(model, policy, cdt_bytes)
     g, nb = policy.gpu_batch_size, policy.num_gpu_batches

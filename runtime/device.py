@@ -1,7 +1,8 @@
 """Compute device and dtype, and peak-memory measurement per tier.
 
 CPU: always fp32 compute (measured here: fp16 GEMM 0.2 GFLOP/s, bf16 ~49, fp32 ~200).
-CUDA: fp16 compute, or bf16 when the checkpoint is bf16 (fp16 would overflow its range).
+CUDA: fp16 compute, or bf16 when the checkpoint is bf16 and the GPU computes bf16 natively (fp16 may overflow a
+bf16 model's range).
 """
 
 from __future__ import annotations
@@ -30,9 +31,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def compute_dtype(device: torch.device, storage: torch.dtype) -> torch.dtype:
+    """fp32 on the CPU; on CUDA bf16 for a bf16 checkpoint where the GPU has native bf16 (Ampere and later: a T4
+    only emulates it, slowly), else fp16 (`runtime.cost_model.compute_dtype` plans the same)."""
     if device.type == "cpu":
         return torch.float32
-    return torch.bfloat16 if storage == torch.bfloat16 else torch.float16
+    return torch.bfloat16 if storage == torch.bfloat16 and native_bf16() else torch.float16
+
+
+def native_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def _read_status(field: str) -> int | None:

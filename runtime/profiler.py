@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from runtime.device import _read_status
+from runtime.device import _read_status, native_bf16
 from runtime.hardware import HardwareSpec, machine_key
 
 _GEMM_K, _GEMM_N = 2048, 8192  # opt-1.3b's fc1: weights of 64 MiB in fp32, well beyond the caches
@@ -139,7 +139,9 @@ def profile(offload_dir: str | os.PathLike | None = None, log: Callable[[str], N
     what = "CUDA " + torch.cuda.get_device_name() if cuda else "the CPU"
     log(f"measuring {what} ({torch.get_num_threads()} threads)")
     matmul = {}
-    for dtype in ([torch.float16, torch.bfloat16] if cuda else [torch.float32]):
+    # bf16 only where the GPU has it natively: the runtime computes fp16 elsewhere (runtime.device.compute_dtype)
+    dtypes = ([torch.float16, torch.bfloat16] if native_bf16() else [torch.float16]) if cuda else [torch.float32]
+    for dtype in dtypes:
         name = str(dtype).removeprefix("torch.")
         matmul[name] = [[m, gemm_rate(m, dtype, device)] for m in _GEMM_ROWS]
         log(f"  {name} GEMM GFLOP/s by rows: " + ", ".join(f"{m}: {r / 1e9:.0f}" for m, r in matmul[name]))

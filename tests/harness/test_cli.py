@@ -37,6 +37,28 @@ def test_generate_json_has_ids_logprobs_and_totals(tiny_opt, tmp_path, capsys):
     assert out["generated_tokens"] >= 1
 
 
+def test_generate_json_contract_holds_for_the_llama_family(tiny_llama, tmp_path, capsys):
+    """Per prompt `output_ids` up to but excluding EOS (any of the config's), `logprobs` of the raw next-token
+    distribution at each emitted token."""
+    import torch
+
+    from tests.runtime.test_llama import hf_trace
+
+    path, model = tiny_llama("llama3")  # eos [1, 2]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the lazy dog\nsea shells by\n")
+    argv = ["generate", "--model", str(path), "--prompts-file", str(prompts), "--max-new-tokens", "8", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    for p in out["prompts"]:
+        ids = p["output_ids"]
+        assert not {1, 2} & set(ids) and len(ids) == len(p["logprobs"]) <= 8
+        trace = hf_trace(model, p["prompt_ids"], ids[:-1] if ids else [])
+        want = [torch.log_softmax(trace[0][-1], -1)[ids[0]].item()] if ids else []
+        want += [torch.log_softmax(t, -1)[tok].item() for t, tok in zip(trace[1:], ids[1:])]
+        assert p["logprobs"] == pytest.approx(want, abs=1e-4)
+
+
 def test_sampling_flags_are_seeded(tiny_opt, capsys):
     path, _ = tiny_opt("pre")
     argv = ["generate", "--model", str(path), "--prompt", "she sells", "--temperature", "1.0", "--top-k", "50",

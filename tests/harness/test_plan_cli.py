@@ -40,6 +40,25 @@ def test_plan_opt175b_on_flexgens_t4(opt175b, capsys):
     assert all(plan["memory_bytes"][t] <= plan["capacity_bytes"][t] for t in ("device", "host", "disk"))
 
 
+@pytest.mark.parametrize("name", ["llama-3-70b", "qwen2.5-72b"])
+def test_plan_llama_family_from_config_alone_on_flexgens_t4(name, tmp_path, capsys):
+    from harness.bench.models import config_dir, spec
+
+    folder = config_dir(name, tmp_path / name)
+    argv = ["plan", "--model", str(folder), "--prompt-len", "512", "--gen-len", "32", "--hardware", "t4_flexgen",
+            "--json"]
+    plans = {}
+    for compress in ("none", "both"):
+        assert main(argv + ["--compress", compress]) == 0
+        plans[compress] = plan = json.loads(capsys.readouterr().out)
+        assert plan["throughput_tok_s"] > 0
+        assert all(plan["memory_bytes"][t] <= plan["capacity_bytes"][t] for t in ("device", "host", "disk"))
+    # 70B parameters: in fp16 (140 GB) they fill the T4's 208 GB of RAM with the cache, 4-bit leaves room for more
+    assert spec(name).num_parameters() > 70e9
+    assert plans["both"]["policy"]["compress_weight"]["bits"] == 4
+    assert plans["both"]["throughput_tok_s"] > plans["none"]["throughput_tok_s"]
+
+
 def test_plan_honours_memory_limits_and_explains_infeasible(opt175b, capsys):
     base = ["plan", "--model", str(opt175b), "--prompt-len", "512", "--gen-len", "32", "--hardware", "t4_flexgen"]
     assert main(base + ["--host-mem", "100GiB", "--json"]) == 0
@@ -102,11 +121,13 @@ def test_profile_writes_a_spec_and_fit_calibrates_it(tmp_path, monkeypatch, caps
     hw = HardwareSpec.load(out)
     assert not hw.accelerator and hw.host_mem == 0 and hw.device_mem > 0 and hw.disk_to_host > 0
     assert hw.matmul_rate("float32", 2048) > hw.matmul_rate("float32", 1) > 0
-    calibrated = fit(hw, model="opt-tiny", log=lambda s: None)
-    assert calibrated.calibration.compute > 0 and calibrated.calibration.call_overhead_s >= 0
+    for model in ("opt-tiny", "llama-tiny"):  # the fit runs any family
+        calibrated = fit(hw, model=model, log=lambda s: None)
+        assert calibrated.calibration.compute > 0 and calibrated.calibration.call_overhead_s >= 0
 
 
-def test_planned_weight_fractions_are_what_the_runtime_keeps(tiny_opt, tmp_path):
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_planned_weight_fractions_are_what_the_runtime_keeps(tiny_opt, tiny_llama, tmp_path, family):
     """At each level `weight_levels` gives, the runtime keeps the bytes the cost model counts: that fraction of
     the weights, and the tables (kept in memory whatever the placement) in full."""
     from harness.auto_policy import model_spec
@@ -114,7 +135,7 @@ def test_planned_weight_fractions_are_what_the_runtime_keeps(tiny_opt, tmp_path)
     from runtime.policy import Placement, Policy
     from runtime.weights import weight_levels
 
-    path, _ = tiny_opt("pre")
+    path, _ = tiny_opt("pre") if family == "opt" else tiny_llama("qwen2-bias")  # tied: the tables are the token's
     spec = model_spec(path)
     levels = weight_levels(spec)
     assert levels[0] == 0.0 and levels[-1] == 1.0 and len(levels) > 4  # the boundaries inside a layer

@@ -225,3 +225,28 @@ def test_kill_9_mid_run_then_rerun(suite_file, tmp_path):
     for run_dir in sorted((tmp_path / "clean" / "fake").glob("tiny--*")):
         for name in SAME_FILES:
             assert (killed / "fake" / run_dir.name / name).read_text() == (run_dir / name).read_text()
+
+
+def test_a_suite_runs_on_a_llama_family_model(tmp_path, tokenizer_dir):
+    """The real runtime under the runner (no fake): LAMBADA, WikiText and synthetic runs of a tiny Qwen2-shaped
+    model (GQA, q/k/v biases, tied head), fp16 and 4-bit, in HELM's layout with their metrics."""
+    from tests import tiny_models
+
+    folder = tmp_path / "model"  # 512 positions: LAMBADA's passages fit, so they are scored
+    tiny_models.build_llama(folder, "qwen2-bias", max_position_embeddings=512, tokenizer=tokenizer_dir)
+    path = tmp_path / "suite.yaml"
+    path.write_text(suite_text("llama", folder, SCENARIOS_VARIANTS))
+    outcomes = SuiteRunner(tmp_path / "r", progress=False).run(load_suite(path))
+    assert [o.status for o in outcomes] == ["done"] * 8, [o.error for o in outcomes]
+    means = {}
+    for run in outcomes:
+        run_dir = tmp_path / "r" / "llama" / run.run_id
+        assert all((run_dir / f).is_file() for f in HELM_FILES + OUR_FILES), run_dir
+        means[run.run_id] = {s["name"]["name"]: s.get("mean") for s in json.loads((run_dir / "stats.json").read_text())
+                             if s["name"].get("split") == "test" and not s["name"].get("perturbation")}
+    for variant in ("fp16", "4bit"):
+        assert means[f"tiny--lambada--{variant}--b3"]["prompt_truncated"] == 0.0
+        assert 0.0 <= means[f"tiny--lambada--{variant}--b3"]["lambada_accuracy"] <= 1.0
+        assert means[f"tiny--synthetic--{variant}--b4"]["num_output_tokens"] == 4
+    ppl = [means[f"tiny--wikitext--{v}--b3"]["perplexity"] for v in ("fp16", "4bit")]
+    assert 1 < ppl[0] < 10 * 300 and ppl[1] != ppl[0] and abs(ppl[1] / ppl[0] - 1) < 0.2  # 4-bit: close, not equal

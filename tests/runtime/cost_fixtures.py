@@ -37,6 +37,7 @@ def opt(name: str = "1.3b", dtype: str = "float16"):
 
 
 def table_params(spec) -> int:
-    """Parameters of the embedding tables (tokens and learned positions), which stay in memory whatever the
+    """Parameters of the embedding tables (tokens and OPT's learned positions), which stay in memory whatever the
     placement (a tied head shares the token table)."""
-    return spec.vocab_size * spec.embed_dim + (spec.max_positions + spec.position_offset) * spec.hidden_size
+    positions = (spec.max_positions + spec.position_offset) * spec.hidden_size if spec.positional == "learned" else 0
+    return spec.vocab_size * spec.embed_dim + positions
