@@ -14,7 +14,7 @@ from runtime.families.llama_config import layout
 from runtime.families.llama_config import spec_from_config as spec_from_config  # re-exported: the family's API
 from runtime.kernels import linear
 from runtime.layers import ShapedLayer, StepContext, attention
-from runtime.spec import LayerShape, ModelSpec
+from runtime.spec import ModelSpec
 
 _ACTIVATIONS = {"silu": F.silu}
 
@@ -42,10 +42,6 @@ class DecoderLayer(ShapedLayer):
 
     has_cache = True
 
-    def __init__(self, spec: ModelSpec, shape: LayerShape) -> None:
-        super().__init__(spec, shape)
-        self.act = _ACTIVATIONS[spec.activation]
-
     def forward(self, w, x, ctx: StepContext, cache):
         s = self.spec
         B, T, _ = x.shape
@@ -65,7 +61,7 @@ class DecoderLayer(ShapedLayer):
 
         hidden = rms_norm(x, w["mlp_norm.weight"], s.norm_eps)
         gate, up = linear(hidden, w["gate_up.weight"], w.get("gate_up.bias")).chunk(2, dim=-1)  # (B, T, f) each
-        return x + linear(self.act(gate).mul_(up), w["down.weight"], w.get("down.bias"))
+        return x + linear(_ACTIVATIONS[s.activation](gate).mul_(up), w["down.weight"], w.get("down.bias"))
 
 
 class Head(ShapedLayer):

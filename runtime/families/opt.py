@@ -15,7 +15,7 @@ from runtime.families.opt_config import ACTIVATIONS, layout
 from runtime.families.opt_config import spec_from_config as spec_from_config  # re-exported: the family's API
 from runtime.kernels import linear
 from runtime.layers import ShapedLayer, StepContext, attention
-from runtime.spec import LayerShape, ModelSpec
+from runtime.spec import ModelSpec
 
 _ACTIVATIONS = {"relu": F.relu_, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                 "silu": F.silu}  # relu runs in place: the fc1 output is a temporary
@@ -46,10 +46,6 @@ class DecoderLayer(ShapedLayer):
 
     has_cache = True
 
-    def __init__(self, spec: ModelSpec, shape: LayerShape) -> None:
-        super().__init__(spec, shape)
-        self.act = _ACTIVATIONS[spec.activation]
-
     def forward(self, w, x, ctx: StepContext, cache):
         s = self.spec
         B, T, h = x.shape
@@ -70,7 +66,8 @@ class DecoderLayer(ShapedLayer):
         residual = x
         if s.norm_before:
             x = _layer_norm(x, w, "mlp_norm", s)
-        x = linear(self.act(linear(x, w["fc1.weight"], w.get("fc1.bias"))), w["fc2.weight"], w.get("fc2.bias"))
+        hidden = _ACTIVATIONS[s.activation](linear(x, w["fc1.weight"], w.get("fc1.bias")))  # (B, T, ffn)
+        x = linear(hidden, w["fc2.weight"], w.get("fc2.bias"))
         x = residual + x
         if not s.norm_before:
             x = _layer_norm(x, w, "mlp_norm", s)

@@ -26,6 +26,7 @@ OFFLOADED = {
                           activations=Placement(0, 0)),
     "split": Policy(gpu_batch_size=2, num_gpu_batches=3, weights=Placement(0.4, 0.3), cache=Placement(0.5, 0.2),
                     activations=Placement(0.5, 0)),
+    "on disk, sequential": Policy(gpu_batch_size=3, weights=Placement(0, 0), cache=Placement(0, 0), overlap=False),
 }
 
 

@@ -24,6 +24,21 @@ def opt_config(size: str) -> dict:
             "activation_function": "relu", "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1}
 
 
+def assert_layout_matches(spec, hf) -> None:
+    """The family's weights cover HF's state dict exactly (a tied head once), with the shapes HF's have, and the
+    parameter count is HF's."""
+    shapes = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+    assert spec.num_parameters() == sum(p.numel() for p in hf.parameters())
+    covered = set()
+    for layer in get_family(spec.family).build_layers(spec):
+        for w in layer.weight_specs():
+            rows = sum(shapes[s][0] for s in w.sources)
+            assert (rows, *shapes[w.sources[0]][1:]) == w.shape, (w.key, w.sources)
+            covered.update(w.sources)
+    tied = {"lm_head.weight"} if spec.tied_embeddings else set()
+    assert covered == set(shapes) - tied
+
+
 @pytest.mark.parametrize("size", list(SIZES))
 def test_spec_and_weight_layout_match_hf(size):
     from transformers import OPTConfig, OPTForCausalLM
@@ -33,16 +48,7 @@ def test_spec_and_weight_layout_match_hf(size):
     spec = family.spec_from_config(config)
     with torch.device("meta"):  # no memory: shapes only, even for 175B
         hf = OPTForCausalLM(OPTConfig(**config))
-    shapes = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
-    assert spec.num_parameters() == sum(p.numel() for p in hf.parameters())
-    covered = set()
-    for layer in family.build_layers(spec):
-        for w in layer.weight_specs():
-            rows = sum(shapes[s][0] for s in w.sources)
-            assert (rows, *shapes[w.sources[0]][1:]) == w.shape, (w.key, w.sources)
-            covered.update(w.sources)
-    tied = {"lm_head.weight"} if spec.tied_embeddings else set()
-    assert covered == set(shapes) - tied
+    assert_layout_matches(spec, hf)
     assert (spec.embed_dim != spec.hidden_size, spec.norm_before, spec.final_norm) == (
         (True, False, False) if size == "350m" else (False, True, True))
 
@@ -76,16 +82,7 @@ def test_llama_family_spec_and_layout_match_hf(name):
     hf_config = AutoConfig.for_model(config["model_type"], **{k: v for k, v in config.items() if k != "model_type"})
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(hf_config)
-    shapes = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
-    assert spec.num_parameters() == sum(p.numel() for p in hf.parameters())
-    covered = set()
-    for layer in get_family(spec.family).build_layers(spec):
-        for w in layer.weight_specs():
-            rows = sum(shapes[s][0] for s in w.sources)
-            assert (rows, *shapes[w.sources[0]][1:]) == w.shape, (w.key, w.sources)
-            covered.update(w.sources)
-    tied = {"lm_head.weight"} if spec.tied_embeddings else set()
-    assert covered == set(shapes) - tied
+    assert_layout_matches(spec, hf)
     assert spec.q_size // spec.kv_size == spec.num_heads // spec.num_kv_heads
 
 
