@@ -235,7 +235,8 @@ def test_a_suite_runs_on_a_llama_family_model(tmp_path, tokenizer_dir):
     folder = tmp_path / "model"  # 512 positions: LAMBADA's passages fit, so they are scored
     tiny_models.build_llama(folder, "qwen2-bias", max_position_embeddings=512, tokenizer=tokenizer_dir)
     path = tmp_path / "suite.yaml"
-    path.write_text(suite_text("llama", folder, SCENARIOS_VARIANTS))
+    # its own model name: HELM's registry is per process, and `tiny` is the OPT model of the other tests
+    path.write_text(suite_text("llama", folder, SCENARIOS_VARIANTS).replace("name: tiny\n", "name: qwen2-tiny\n"))
     outcomes = SuiteRunner(tmp_path / "r", progress=False).run(load_suite(path))
     assert [o.status for o in outcomes] == ["done"] * 8, [o.error for o in outcomes]
     means = {}
@@ -245,8 +246,8 @@ def test_a_suite_runs_on_a_llama_family_model(tmp_path, tokenizer_dir):
         means[run.run_id] = {s["name"]["name"]: s.get("mean") for s in json.loads((run_dir / "stats.json").read_text())
                              if s["name"].get("split") == "test" and not s["name"].get("perturbation")}
     for variant in ("fp16", "4bit"):
-        assert means[f"tiny--lambada--{variant}--b3"]["prompt_truncated"] == 0.0
-        assert 0.0 <= means[f"tiny--lambada--{variant}--b3"]["lambada_accuracy"] <= 1.0
-        assert means[f"tiny--synthetic--{variant}--b4"]["num_output_tokens"] == 4
-    ppl = [means[f"tiny--wikitext--{v}--b3"]["perplexity"] for v in ("fp16", "4bit")]
+        assert means[f"qwen2-tiny--lambada--{variant}--b3"]["prompt_truncated"] == 0.0
+        assert 0.0 <= means[f"qwen2-tiny--lambada--{variant}--b3"]["lambada_accuracy"] <= 1.0
+        assert means[f"qwen2-tiny--synthetic--{variant}--b4"]["num_output_tokens"] == 4
+    ppl = [means[f"qwen2-tiny--wikitext--{v}--b3"]["perplexity"] for v in ("fp16", "4bit")]
     assert 1 < ppl[0] < 10 * 300 and ppl[1] != ppl[0] and abs(ppl[1] / ppl[0] - 1) < 0.2  # 4-bit: close, not equal
