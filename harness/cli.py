@@ -138,6 +138,14 @@ def _check_limits(args: argparse.Namespace, stats) -> None:
                   "(the cost model underestimated this run's memory)", file=sys.stderr)
 
 
+def cmd_import_gguf(args: argparse.Namespace) -> int:
+    from runtime.gguf_import import import_gguf
+
+    out = import_gguf(args.gguf, args.out, dtype=args.dtype, progress=True)
+    print(f"imported {args.gguf} into {out}: config.json, safetensors ({args.dtype}), tokenizer files")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from harness.bench import run
 
@@ -180,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object with ids, logprobs and timings")
     plan_cli.add_planning_args(g)
     g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("import-gguf", help="import a GGUF file (llama, qwen2) as a Hugging Face checkpoint folder")
+    i.add_argument("gguf", help="the .gguf file")
+    i.add_argument("out", help="a new (or empty) folder for config.json, safetensors and tokenizer files")
+    i.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="stored dtype of the dequantized weights (float32 holds them exactly, at twice the size)")
+    i.set_defaults(func=cmd_import_gguf)
 
     b = sub.add_parser("bench", help=f"run a benchmark workload ({', '.join(sorted(BY_NAME))})")
     b.add_argument("name")

@@ -124,3 +124,78 @@ def build_llama(out: Path, variant: str = "llama-gqa", layout: str = "safetensor
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(llama_config(variant, **config)).eval()
     return _perturb_and_save(model, out, layout, dtype, tokenizer)
+
+
+_K_BLOCK = {"Q4_K": (144, (0, 2)), "Q5_K": (176, (0, 2)), "Q6_K": (210, (208,))}
+"""K-quant blocks (256 values): bytes per block and the offsets of their fp16 scales (gguf writes no K-quants)."""
+
+
+def build_gguf(out: Path, model_dir: Path, matrix_type: str = "F32", arch: str = "llama", name: str = "tiny",
+               seed: int = 0) -> Path:
+    """A GGUF file of the HF Llama-family checkpoint in `model_dir`, laid out as llama.cpp's converter writes it:
+    its metadata keys, its tensor names, q and k rows permuted for llama (not qwen2), the tokenizer's vocabulary
+    and merges. Matrices are stored as `matrix_type` (K-quants as random valid blocks, since `gguf` cannot
+    quantize them), norms as F32. Returns the file."""
+    import json
+
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+    from gguf.quants import quantize
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    state = {k: v.float() for f in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
+    w = GGUFWriter(out, arch)
+    w.add_name(name)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    tok = json.loads((model_dir / "tokenizer.json").read_text())
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab] + [f"<extra_{i}>" for i in range(cfg.vocab_size - len(vocab))]
+    specials = {t["content"] for t in tok.get("added_tokens", [])}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([TokenType.CONTROL if t in specials else TokenType.NORMAL for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    rng = np.random.default_rng(seed)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for hf, t in state.items():
+        if hf == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        layer, _, rest = hf.removeprefix("model.layers.").partition(".")
+        gguf_name = names.get(hf) or f"blk.{layer}.{parts[rest.rsplit('.', 1)[0]]}.{rest.rsplit('.', 1)[1]}"
+        heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(gguf_name.split(".")[-2])
+        if arch == "llama" and heads:  # llama.cpp pairs adjacent rotary values; HF rotates the two halves
+            t = t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+        values = t.numpy()
+        if t.dim() != 2 or matrix_type == "F32":
+            w.add_tensor(gguf_name, values.astype(np.float32))
+        elif matrix_type in _K_BLOCK:
+            size, scales = _K_BLOCK[matrix_type]
+            blocks = rng.integers(0, 256, (t.shape[0], t.shape[1] // 256, size), dtype=np.uint8)
+            for at in scales:  # fp16 scales of a sane size (random bits could be inf or NaN)
+                blocks[..., at:at + 2] = rng.uniform(1e-6, 1e-5, blocks.shape[:2] + (1,)).astype(np.float16).view(
+                    np.uint8)
+            w.add_tensor(gguf_name, blocks.reshape(t.shape[0], -1), raw_dtype=GGMLQuantizationType[matrix_type])
+        else:
+            qtype = GGMLQuantizationType[matrix_type]
+            w.add_tensor(gguf_name, quantize(values, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
