@@ -1,10 +1,12 @@
 """`flexhelm report`: a suite's finished runs as one pandas DataFrame, and fp16 against each compressed variant.
 
-One row per run: what ran (model, scenario, variant, compression, policy, batch), every HELM stat of the
-run (its mean over the evaluation split, unperturbed), and the runtime's totals (throughput, prefill and
-decode seconds, tokens, peak memory per tier in GiB). Saved as `report.parquet` and `report.csv` next to
-the runs. The comparison pairs each compressed variant with the uncompressed one of the same model,
-scenario and batch size: the scenario's main quality metric, its delta, and the speed-up.
+One row per run: what ran (model, scenario, variant, compression, policy, batch), its main quality metric and
+that metric's bootstrap standard error over instances, every HELM stat of the run (its mean over the evaluation
+split, unperturbed), and the runtime's totals (throughput, prefill and decode seconds, tokens, peak memory per
+tier in GiB). Saved as `report.parquet` and `report.csv` next to the runs. The comparison pairs each
+compressed variant with the uncompressed one of the same model, scenario and batch size: the main metric of
+both with standard errors, the difference with its 95% paired bootstrap interval (`harness.paired`), and the
+speed-up.
 """
 
 from __future__ import annotations
@@ -12,18 +14,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from harness import atomic
+from harness import atomic, paired
 from runtime.errors import FlexhelmError
 
 GiB = 2**30
 EVAL_SPLITS = ("test", "valid")
 QUALITY = {
-    # metric: higher is better; the first one a run has is its scenario's main metric
-    "lambada_accuracy": True, "target_perplexity": False, "word_perplexity": False, "perplexity": False,
-    "bits_per_byte": False, "exact_match": True, "quasi_exact_match": True, "rouge_2": True, "f1_score": True,
+    # metric: higher is better; the first one a run has is its scenario's main metric (accuracies first: a
+    # generation run also reports the perplexity of what it generated)
+    "lambada_accuracy": True, "exact_match": True, "quasi_exact_match": True, "rouge_2": True, "f1_score": True,
+    "target_perplexity": False, "word_perplexity": False, "perplexity": False, "bits_per_byte": False,
 }
 RUN_COLUMNS = ("run", "model", "scenario", "scenario_run", "variant", "compress", "bits", "group_size",
-               "policy", "policy_source", "batch_size")
+               "policy", "policy_source", "batch_size", "main_metric", "main_se")
 RUNTIME_COLUMNS = ("throughput_tok_s", "prompt_tok_s", "prefill_s", "decode_s", "engine_wall_s", "harness_s",
                    "prompt_tokens", "generated_tokens", "engine_calls", "requests", "instances")
 
@@ -66,6 +69,11 @@ def _row(run_dir: Path) -> dict:
         row[f"peak_{tier}_gib"] = value / GiB
     for name, value in _stat_means(_json(run_dir / "stats.json")).items():
         row[name if name not in row else f"helm_{name}"] = value
+    # a value, not NaN; throughput workloads (synthetic prompts of random words) have no quality metric
+    metric = None if row["scenario_run"].startswith("synthetic") else next(
+        (m for m in QUALITY if m in row and row[m] == row[m]), None)
+    row["main_metric"] = metric or "-"
+    row["main_se"] = paired.standard_error(run_dir, metric) if metric in paired.FORMS else float("nan")
     return row
 
 
@@ -88,32 +96,37 @@ def _policy_text(policy: dict) -> str:
             f"c{place(policy['cache'])}")
 
 
-def main_metric(frame) -> str | None:
-    for name in QUALITY:
-        if name in frame.columns and frame[name].notna().any():
-            return name
-    return None
+COMPARISON_COLUMNS = ("model", "scenario", "batch_size", "baseline", "variant", "metric", "n", "baseline_value",
+                      "baseline_se", "value", "se", "delta", "delta_low", "delta_high", "speedup")
 
 
-def comparison(frame):
-    """For each compressed run, the uncompressed run of the same model, scenario and batch size beside it."""
+def comparison(frame, suite_dir: str | Path | None = None):
+    """For each compressed run, the uncompressed run of the same model, scenario and batch size beside it. With
+    the runs' folder, each value's standard error and the difference's 95% paired bootstrap interval over the
+    instances both runs scored (`harness.paired`); without, those columns are NaN."""
     import pandas as pd
 
+    nan = float("nan")
     rows = []
     for (model, scenario, batch), group in frame.groupby(["model", "scenario", "batch_size"], sort=True):
         base = group[group["compress"] == "off"]
         if base.empty:
             continue
         base = base.iloc[0]
-        metric = main_metric(group)
+        metric = base["main_metric"] if base["main_metric"] in QUALITY else None
         for _, run in group[group["compress"] != "off"].iterrows():
-            b, v = (base[metric], run[metric]) if metric else (float("nan"), float("nan"))
-            rows.append({"model": model, "scenario": scenario, "batch_size": batch, "baseline": base["variant"],
-                         "variant": run["variant"], "metric": metric or "-", "baseline_value": b, "value": v,
-                         "delta": v - b, "speedup": _speed(run) / _speed(base) if _speed(base) else float("nan")})
-    columns = ["model", "scenario", "batch_size", "baseline", "variant", "metric", "baseline_value", "value",
-               "delta", "speedup"]
-    return pd.DataFrame(rows, columns=columns)
+            b, v = (base[metric], run[metric]) if metric else (nan, nan)
+            row = {"model": model, "scenario": scenario, "batch_size": batch, "baseline": base["variant"],
+                   "variant": run["variant"], "metric": metric or "-", "n": 0, "baseline_value": b,
+                   "baseline_se": nan, "value": v, "se": nan, "delta": v - b, "delta_low": nan, "delta_high": nan,
+                   "speedup": _speed(run) / _speed(base) if _speed(base) else nan}
+            pair = (paired.compare(Path(suite_dir) / base["run"], Path(suite_dir) / run["run"], metric)
+                    if suite_dir is not None and metric in paired.FORMS else None)
+            if pair is not None:
+                row.update(n=pair.n, baseline_se=pair.baseline_se, se=pair.se, delta_low=pair.delta_low,
+                           delta_high=pair.delta_high)
+            rows.append(row)
+    return pd.DataFrame(rows, columns=list(COMPARISON_COLUMNS))
 
 
 def _speed(run) -> float:
@@ -141,9 +154,10 @@ def load_report(path: str | Path):
 def show(frame, compared) -> str:
     """The runs and the comparison as aligned text tables."""
     runs = frame[[c for c in ("model", "scenario", "variant", "batch_size") if c in frame]].copy()
-    main = [next((m for m in QUALITY if m in frame and row[m] == row[m]), None) for _, row in frame.iterrows()]
-    runs["metric"] = [m or "-" for m in main]
-    runs["value"] = [row[m] if m else float("nan") for m, (_, row) in zip(main, frame.iterrows())]
+    runs["metric"] = frame["main_metric"]
+    runs["value"] = [row[m] if m in QUALITY else float("nan") for m, (_, row) in zip(frame["main_metric"],
+                                                                                     frame.iterrows())]
+    runs["± SE"] = frame["main_se"]
     for column, title in (("throughput_tok_s", "gen tok/s"), ("prompt_tok_s", "prompt tok/s"),
                           ("prefill_s", "prefill s"), ("decode_s", "decode s"), ("peak_host_gib", "peak host GiB")):
         if column in frame:
@@ -153,9 +167,21 @@ def show(frame, compared) -> str:
     if compared.empty:
         parts.append("\nno fp16 / compressed pairs to compare")
     else:
-        parts += ["\nfp16 against compressed (same model, scenario, batch):",
-                  compared.rename(columns={"batch_size": "batch"}).to_string(index=False, float_format=fmt)]
+        table = compared[["model", "scenario", "batch_size", "variant", "metric", "n", "speedup"]].copy()
+        pm = lambda v, se: f"{v:.4g}" if se != se else f"{v:.4g} ± {se:.2g}"  # NaN: no per-instance stats
+        table["baseline (± SE)"] = [pm(v, se) for v, se in zip(compared["baseline_value"], compared["baseline_se"])]
+        table["compressed (± SE)"] = [pm(v, se) for v, se in zip(compared["value"], compared["se"])]
+        table["difference [95% paired CI]"] = [
+            f"{d:+.4g}" + ("" if lo != lo else f" [{lo:+.3g}, {hi:+.3g}]" + _verdict(lo, hi))
+            for d, lo, hi in zip(compared["delta"], compared["delta_low"], compared["delta_high"])]
+        parts += ["\nfp16 against compressed (same model, scenario, batch; the difference is compressed - fp16, its "
+                  "interval a paired bootstrap over the instances both scored):",
+                  table.rename(columns={"batch_size": "batch"}).to_string(index=False, float_format=fmt)]
     return "\n".join(parts)
+
+
+def _verdict(low: float, high: float) -> str:
+    return "" if low <= 0 <= high else " *"  # the interval excludes 0: a difference, not noise
 
 
 def _json(path: Path):

@@ -62,7 +62,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     suite_dir = Path(args.suite_dir)
     frame = build_report(suite_dir)
     paths = save_report(frame, suite_dir)
-    print(show(frame, comparison(frame)))
+    print(show(frame, comparison(frame, suite_dir)))
     plots = sorted(suite_dir.glob("plots/*.png"))
     print("\nreport: " + ", ".join(str(p) for p in paths))
     if plots:
@@ -72,10 +72,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from harness.plot import plot_suite
-    from harness.report import build_report
+    from harness.report import build_report, comparison
 
     suite_dir = Path(args.suite_dir)
-    paths = plot_suite(build_report(suite_dir), suite_dir / "plots")
+    frame = build_report(suite_dir)
+    paths = plot_suite(frame, suite_dir / "plots", comparison(frame, suite_dir))
     print("plots: " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -16,7 +16,7 @@ from tests.harness.fake_runtime import FakeRuntime, suite_text  # noqa: E402
 SCENARIOS_VARIANTS = """\
 scenarios:
   - run: wikitext
-    max_instances: 1
+    max_instances: 2
   - run: synthetic:num_prompts=4,prompt_len=8,output_len=2
     name: synthetic
     batch_sizes: [1, 2, 4]
@@ -60,23 +60,26 @@ def test_comparison_pairs_fp16_with_each_compressed_variant(suite_dir):
     from harness.report import build_report, comparison, show
 
     frame = build_report(suite_dir)
-    table = comparison(frame)
+    table = comparison(frame, suite_dir)
     assert len(table) == 4  # wikitext b4, synthetic b1/b2/b4
     wiki = table[table["scenario"] == "wikitext"].iloc[0]
     assert (wiki["baseline"], wiki["variant"], wiki["metric"]) == ("fp16", "4bit", "word_perplexity")
     assert wiki["delta"] == pytest.approx(0.0) and wiki["speedup"] == pytest.approx(1.0)  # the fake is exact
+    assert wiki["n"] == 2 and wiki["delta_low"] == wiki["delta_high"] == pytest.approx(0.0)  # paired: no noise
+    assert (table[table["scenario"] == "synthetic"]["metric"] == "-").all()  # throughput runs: no quality metric
     text = show(frame, table)
     assert "fp16 against compressed" in text and "word_perplexity" in text
 
 
 def test_plot_files(suite_dir):
     from harness.plot import plot_suite
-    from harness.report import build_report
+    from harness.report import build_report, comparison
 
-    paths = plot_suite(build_report(suite_dir), suite_dir / "plots")
+    frame = build_report(suite_dir)
+    paths = plot_suite(frame, suite_dir / "plots", comparison(frame, suite_dir))
     names = sorted(p.name for p in paths)
-    assert names == sorted(f"{n}.{ext}" for n in ("throughput_vs_batch", "quality_per_variant", "time_breakdown")
-                           for ext in ("png", "svg"))
+    assert names == sorted(f"{n}.{ext}" for n in ("throughput_vs_batch", "quality_per_variant", "quality_difference",
+                                                  "time_breakdown") for ext in ("png", "svg"))
     for p in paths:
         assert p.stat().st_size > 1000
     assert b"generated tokens/s" in (suite_dir / "plots" / "throughput_vs_batch.svg").read_bytes()
