@@ -168,11 +168,12 @@ def show(frame, compared) -> str:
         parts.append("\nno fp16 / compressed pairs to compare")
     else:
         table = compared[["model", "scenario", "batch_size", "variant", "metric", "n", "speedup"]].copy()
-        pm = lambda v, se: f"{v:.4g}" if se != se else f"{v:.4g} ± {se:.2g}"  # NaN: no per-instance stats
+        # NaN: no quality metric (throughput runs), or no per-instance stats for an interval
+        pm = lambda v, se: "-" if v != v else f"{v:.4g}" if se != se else f"{v:.4g} ± {se:.2g}"
         table["baseline (± SE)"] = [pm(v, se) for v, se in zip(compared["baseline_value"], compared["baseline_se"])]
         table["compressed (± SE)"] = [pm(v, se) for v, se in zip(compared["value"], compared["se"])]
         table["difference [95% paired CI]"] = [
-            f"{d:+.4g}" + ("" if lo != lo else f" [{lo:+.3g}, {hi:+.3g}]" + _verdict(lo, hi))
+            "-" if d != d else f"{d:+.4g}" + ("" if lo != lo else f" [{lo:+.3g}, {hi:+.3g}]" + _verdict(lo, hi))
             for d, lo, hi in zip(compared["delta"], compared["delta_low"], compared["delta_high"])]
         parts += ["\nfp16 against compressed (same model, scenario, batch; the difference is compressed - fp16, its "
                   "interval a paired bootstrap over the instances both scored):",
