@@ -131,7 +131,7 @@ def test_parse_bytes():
     assert parse_bytes("1.5GB") == 1_500_000_000 and parse_bytes("lots") is None and parse_bytes(True) is None
 
 
-@pytest.mark.parametrize("name, runs", [("quickstart", 16), ("overnight-opt", 28)])
+@pytest.mark.parametrize("name, runs", [("quickstart", 16), ("overnight-opt", 28), ("smollm2-reference", 20)])
 def test_shipped_suites_are_valid(name, runs, tmp_path, tiny_opt, monkeypatch):
     """The shipped suites, pointed at a tiny model, pass every check, HELM's included."""
     pytest.importorskip("helm")
