@@ -79,8 +79,8 @@ _ALL = (
     Workload("quality", "compression quality: WikiText-2 test perplexity and LAMBADA accuracy of the reference "
              "model, stored precision against 4-/3-bit weights and cache", "opt-ref", 32, 0, 0, module="quality"),
     # The batch and lengths are the quickstart suite's (suites/quickstart.yaml), which W5 runs as it is.
-    Workload("W5", "harness overhead: the quickstart suite from scratch (reference model, LAMBADA 500, "
-             "WikiText-2 test, synthetic sweep; fp16 and 4-bit); time outside the runtime / wall time",
-             "opt-ref", 32, 256, 32, repeats=1, module="w5"),
+    Workload("W5", "harness overhead: the quickstart suite from scratch (SmolLM2-135M-Instruct: LAMBADA, "
+             "WikiText-2, MMLU, synthetic sweep; fp16 and 4-bit); time outside the runtime / wall time",
+             "smollm2-135m", 32, 64, 32, repeats=1, module="w5"),
 )
 BY_NAME = {w.name: w for w in _ALL}
