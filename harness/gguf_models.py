@@ -41,11 +41,10 @@ def locate(name: str, bases: list[Path]) -> Path:
 
 def imported(gguf: Path, dtype: str = "float16") -> Path:
     """The checkpoint folder of `gguf`'s import, importing it on first use (one line on stderr says so)."""
-    from runtime.gguf_import import GGUFError, import_gguf, verify
+    from runtime.gguf_import import GGUFError, fingerprint, import_gguf, verify
     from runtime.hardware import cache_root
 
-    st = gguf.stat()
-    key = hashlib.sha256(json.dumps([gguf.name, st.st_size, int(st.st_mtime), dtype]).encode()).hexdigest()[:10]
+    key = hashlib.sha256(json.dumps([fingerprint(gguf), dtype], sort_keys=True).encode()).hexdigest()[:10]
     out = cache_root() / "models" / f"{gguf.stem}-{dtype}-{key}"
     if verify(out, gguf):
         return out

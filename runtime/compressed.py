@@ -23,10 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.policy import QuantConfig
+from runtime.policy import QuantConfig, int4_kernel_fits
 from runtime.quant import QuantizedTensor, dequantize, layout_of, quantize
-
-_KERNEL_GROUPS = (32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -62,11 +60,7 @@ class WeightCodec:
 
     def uses_kernel(self, shape: tuple[int, ...]) -> bool:
         """Whether a weight of `shape` is stored in the fused CPU kernel's form."""
-        c = self.config
-        if self.device.type != "cpu" or len(shape) != 2 or c.bits != 4 or c.axis != "input":
-            return False
-        n, k = shape
-        return c.group_size in _KERNEL_GROUPS and n % 16 == 0 and k % c.group_size == 0
+        return self.device.type == "cpu" and int4_kernel_fits(tuple(shape), self.config)
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
         return layout_of(tuple(shape), self.config, self.config.axis == "output").nbytes

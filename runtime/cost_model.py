@@ -36,7 +36,15 @@ import math
 from dataclasses import dataclass, field, replace
 
 from runtime.hardware import HardwareSpec
-from runtime.policy import CAST_BLOCK_BYTES, PREFETCH_DEPTH, Policy, QuantConfig, WeightFormat, layout_of
+from runtime.policy import (
+    CAST_BLOCK_BYTES,
+    PREFETCH_DEPTH,
+    Policy,
+    QuantConfig,
+    WeightFormat,
+    int4_kernel_fits,
+    layout_of,
+)
 from runtime.shapes import attention_flops, kv_values_per_token, shapes, working_width
 from runtime.spec import ModelSpec
 
@@ -44,7 +52,6 @@ VARS = ("wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd")
 """Placement fractions: weights (w), cache (c), activations (h) on device (g), host (c), disk (d)."""
 TIERS = ("device", "host", "disk")
 PHASES = ("prefill", "decode")
-_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes of the fused CPU int4 kernel (runtime.compressed)
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
 
@@ -166,9 +173,8 @@ def compute_dtype(hw: HardwareSpec, model: ModelSpec) -> str:
 
 def uses_int4_kernel(hw: HardwareSpec, model: ModelSpec, q: QuantConfig | None) -> bool:
     """Whether the runtime computes compressed weights in the fused CPU int4 kernel (runtime.compressed)."""
-    return (q is not None and not hw.accelerator and "int4" in hw.matmul and q.bits == 4 and q.axis == "input"
-            and q.group_size in _KERNEL_GROUPS
-            and all(n % 16 == 0 and k % q.group_size == 0 for n, k in shapes(model).decoder_matmuls))
+    return (q is not None and not hw.accelerator and "int4" in hw.matmul
+            and all(int4_kernel_fits(shape, q) for shape in shapes(model).decoder_matmuls))
 
 
 @dataclass(frozen=True)
@@ -213,7 +219,7 @@ class WeightBytes:
 def weight_bytes(hw: HardwareSpec, model: ModelSpec, policy: Policy) -> WeightBytes:
     z = shapes(model)
     ckpt = _DTYPE_BYTES.get(model.torch_dtype, 4)
-    cdt = 2 if hw.accelerator else 4  # fp16 or bf16 on an accelerator, fp32 on a CPU
+    cdt = _DTYPE_BYTES[compute_dtype(hw, model)]
     in_ram = cdt if policy.weight_format == WeightFormat.COMPUTE else ckpt  # the CPU's device tier is RAM
     form = {"device": cdt if hw.accelerator else in_ram, "host": ckpt if hw.accelerator else in_ram, "disk": ckpt}
     qw = policy.compress_weight

@@ -91,7 +91,7 @@ def import_gguf(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "fl
                              progress=lambda e: bar.update(1))
         _tokenizer(src, tmp)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        (tmp / MARKER).write_text(json.dumps({"source": _fingerprint(src), "dtype": dtype, "files": files},
+        (tmp / MARKER).write_text(json.dumps({"source": fingerprint(src), "dtype": dtype, "files": files},
                                              indent=2) + "\n")
         if out.exists():
             out.rmdir()  # empty, checked above
@@ -116,7 +116,7 @@ def verify(out: Path, src: Path | None = None) -> bool:
         files = marker["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    if src is not None and marker.get("source") != _fingerprint(src):
+    if src is not None and marker.get("source") != fingerprint(src):
         return False
     return all((out / name).is_file() and (out / name).stat().st_size == size for name, size in files.items())
 
@@ -253,6 +253,7 @@ def _tokenizer(src: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _fingerprint(src: Path) -> dict:
+def fingerprint(src: Path) -> dict:
+    """What identifies a GGUF file's content for an import made of it: name, size, mtime."""
     st = src.stat()
     return {"name": src.name, "size": st.st_size, "mtime": int(st.st_mtime)}

@@ -113,6 +113,20 @@ class QuantConfig:
         return {"bits": self.bits, "group_size": self.group_size, "axis": self.axis, "method": self.method}
 
 
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+"""Group sizes of torch's fused CPU int4 kernel (`runtime.compressed`)."""
+
+
+def int4_kernel_fits(shape: tuple[int, ...], config: QuantConfig) -> bool:
+    """Whether a matrix of `shape` (N, K) under `config` can be stored in the fused CPU int4 kernel's form: 4 bits
+    grouped along the input axis by a group the kernel has, N a multiple of 16, K of the group. Torch-free, so the
+    cost model (`uses_int4_kernel`) and the runtime (`WeightCodec.uses_kernel`) decide alike."""
+    if len(shape) != 2 or config.bits != 4 or config.axis != "input" or config.group_size not in INT4_KERNEL_GROUPS:
+        return False
+    n, k = shape
+    return n % 16 == 0 and k % config.group_size == 0
+
+
 @dataclass(frozen=True)
 class QuantLayout:
     """Sizes of the packed parts of a (rows, cols) tensor; all three live in one flat uint8 buffer."""

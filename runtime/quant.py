@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.policy import QuantConfig, QuantLayout, layout_of  # noqa: F401  (layout_of: re-exported)
+from runtime.policy import QuantConfig, QuantLayout, layout_of
 
 _SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # clipping ratios tried by method="search"
 

@@ -6,6 +6,7 @@ count what the runtime places and multiplies. Torch-free.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from runtime.spec import LayerShape, ModelSpec, WeightSpec
@@ -82,7 +83,10 @@ class Shapes:
         return 2 * sum(n * k for n, k in self.head_matmuls)
 
 
+@functools.lru_cache(maxsize=64)
 def shapes(spec: ModelSpec) -> Shapes:
+    """The model's `Shapes`, computed once per spec (frozen, hashable): the cost model asks for them in every term
+    of every candidate policy the search evaluates."""
     layers = layout(spec)
     stored = [w for layer in unique_weights(layers) for w in layer]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from runtime.errors import CheckpointError
 from runtime.spec import ROPE_TYPES, LayerShape, ModelSpec, RopeSpec, WeightSpec, eos_ids
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
 ACTIVATIONS = ("silu",)
 _MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}  # HF configs' defaults
 _PREFIX = "model."
