@@ -13,6 +13,8 @@ scenarios:
     name: lambada                 # optional; default: the entry, made file-name safe
     max_instances: 500            # optional: HELM's max_eval_instances
     batch_sizes: [8, 32, 64]      # optional: overrides the variants' sweep for this scenario
+    variants: [fp16, 4bit]        # optional: only these variants (default: all); e.g. a cache variant is
+                                  # pointless where nothing is decoded (scoring reads no KV cache)
 variants:
   - name: 4bit
     compress: both                # off (default) | weights | cache | both
@@ -77,6 +79,8 @@ class ScenarioEntry:
     """HELM run entry without the model, e.g. `mmlu:subject=abstract_algebra`."""
     max_instances: int | None = None
     batch_sizes: tuple[int, ...] = ()
+    variants: tuple[str, ...] = ()
+    """Names of the variants this scenario runs with; empty: all of them."""
     line: int = 0
     """Line of the entry in the suite file (for errors found later, against HELM)."""
 
@@ -110,6 +114,7 @@ class RunSpec:
         d = asdict(self)
         d["variant"]["compress"] = self.variant.compress.value
         d["scenario"].pop("line")
+        d["scenario"].pop("variants")  # which runs exist, not what a run computes
         return d
 
     @property
@@ -174,6 +179,11 @@ class _Parser:
         variants = tuple(self._items(doc, "variants", self._variant))
         for kind, entries in (("models", models), ("scenarios", scenarios), ("variants", variants)):
             self._unique(kind, [e.name if e else None for e in entries])
+        known = {v.name for v in variants if v}
+        for i, s in enumerate(scenarios):
+            for name in sorted(set(s.variants) - known) if s else ():
+                self.fail(("scenarios", i, "variants"),
+                          f"no variant named {name!r}; variants: {', '.join(sorted(known))}")
         runs: tuple[RunSpec, ...] = ()
         if not self.errors:
             runs = tuple(self._expand(name, models, scenarios, variants))
@@ -219,7 +229,8 @@ class _Parser:
         return ModelEntry(name, str(folder))
 
     def _scenario(self, item, where: tuple) -> ScenarioEntry | None:
-        if not self._keys(item, where, required={"run"}, optional={"name", "max_instances", "batch_sizes"}):
+        if not self._keys(item, where, required={"run"},
+                          optional={"name", "max_instances", "batch_sizes", "variants"}):
             return None
         run = self._typed(item, where, "run", str, None)
         if run is None:
@@ -230,7 +241,12 @@ class _Parser:
         limit = self._positive(item, where, "max_instances")
         if self.cap is not None:
             limit = min(limit or self.cap, self.cap)
-        return ScenarioEntry(name, run, limit, self._batch_sizes(item, where), self.doc.line(where))
+        only = item.get("variants", [])
+        if "variants" in item and not (isinstance(only, list) and only and all(isinstance(v, str) for v in only)):
+            self.fail(where + ("variants",), f"must be a non-empty list of variant names, got {only!r}")
+            only = []
+        return ScenarioEntry(name, run, limit, self._batch_sizes(item, where), tuple(dict.fromkeys(only)),
+                             self.doc.line(where))
 
     def _variant(self, item, where: tuple) -> Variant | None:
         known = {"compress", "bits", "group_size", "policy", "batch_sizes", "memory"}
@@ -355,6 +371,8 @@ class _Parser:
         for m in models:
             for s in scenarios:
                 for v in variants:
+                    if s.variants and v.name not in s.variants:
+                        continue
                     for batch in s.batch_sizes or v.batch_sizes or (default_batch_size(v),):
                         run_id = f"{m.name}--{s.name}--{v.name}--b{batch}"
                         runs.append(RunSpec(suite, run_id, m, s, v, batch))

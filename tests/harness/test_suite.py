@@ -58,6 +58,16 @@ def test_expands_models_scenarios_variants_and_batches(tmp_path, tiny_opt):
     assert capped.runs[0].scenario.max_instances == 5 and capped.runs[2].scenario.max_instances == 5
 
 
+def test_a_scenario_can_run_with_some_variants_only(tmp_path, tiny_opt):
+    folder, _ = tiny_opt()
+    full = load_suite(write(tmp_path, GOOD, model=folder))
+    text = GOOD.replace("    max_instances: 20", "    max_instances: 20\n    variants: [4bit]")
+    some = load_suite(write(tmp_path, text, model=folder))
+    assert [r.id for r in some.runs] == [r.id for r in full.runs if r.id != "tiny--lambada--fp16--b4"]
+    # the restriction decides which runs exist, not what one computes: finished runs stay finished
+    assert some.runs[0].key == full.runs[1].key
+
+
 def test_policy_fields_follow_the_variant(tmp_path, tiny_opt):
     from harness.policies import resolve_policy
 
@@ -86,6 +96,10 @@ def test_policy_fields_follow_the_variant(tmp_path, tiny_opt):
     (("suite: s1", "suite: s1\nextra: 1"), 2, r"extra: unknown key"),
     (("suite: s1", "suite: my suite"), 1, r"suite: 'my suite' is not a name"),
     (("run: lambada:method=greedy", "run: lambada:method=greedy,model=x"), 6, r"leave `model=` out"),
+    (("    max_instances: 20", "    max_instances: 20\n    variants: [fp16, fp8]"), 9,
+     r"scenarios\[0\]\.variants: no variant named 'fp8'; variants: 4bit, fp16"),
+    (("    max_instances: 20", "    max_instances: 20\n    variants: fp16"), 9,
+     r"scenarios\[0\]\.variants: must be a non-empty list of variant names"),
 ])
 def test_malformed_suites_name_the_line_and_field(tmp_path, tiny_opt, edit, line, match):
     folder, _ = tiny_opt()
