@@ -85,7 +85,7 @@ class RuntimeBackend:
         self.texts = TokenTexts(self.tokenizer)
         self.max_positions: int = self.engine.spec.max_positions
         self.eos_token_id = self.engine.spec.eos_token_id
-        self.prefix_ids = _default_prefix(self.tokenizer)
+        self.prefix_ids = default_prefix(self.tokenizer)
         self.calls: list[EngineCall] = []
         """Every engine call so far (see `drain_calls`)."""
         self._lock = threading.Lock()
@@ -270,7 +270,7 @@ def _sampling_key(r) -> tuple:
     return (float(r.temperature), 1.0 if greedy else float(r.top_p), r.max_tokens, tuple(r.stop_sequences), seed)
 
 
-def _default_prefix(tokenizer) -> list[int]:
+def default_prefix(tokenizer) -> list[int]:
     """Special tokens the tokenizer puts before a text by default (OPT: [</s>]; GPT-2: none)."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a")["input_ids"]

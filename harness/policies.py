@@ -69,22 +69,49 @@ def default_batch_size(variant) -> int:
     return Policy.from_json(policy_fields(variant, None)).block_size
 
 
-def resolve_policy(run) -> ResolvedPolicy:
-    """The Policy `run` (a `harness.suite.RunSpec`) executes with."""
+@dataclass(frozen=True)
+class Workload:
+    """The longest request of a run, which the plan must hold: prompt tokens and tokens generated."""
+
+    prompt_len: int
+    gen_len: int
+
+
+def run_workload(model_dir: str, requests: list) -> Workload | None:
+    """The workload of HELM `requests` on the model in `model_dir`: its longest prompt in the model's tokens
+    (with the special tokens the backend puts before it) and the most tokens any request generates, within
+    the model's positions (None without requests). One batched call into the fast tokenizer: a second or so
+    for all of LAMBADA."""
+    if not requests:
+        return None
+    from harness import auto_policy
+    from harness.backend import default_prefix
+    from runtime.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    longest = max(map(len, tokenizer([r.prompt for r in requests], add_special_tokens=False)["input_ids"]))
+    positions = auto_policy.model_spec(model_dir).max_positions
+    gen = min(max(1, max(r.max_tokens for r in requests)), positions // 2)
+    return Workload(min(longest + len(default_prefix(tokenizer)), positions - gen), gen)
+
+
+def resolve_policy(run, requests: list | None = None) -> ResolvedPolicy:
+    """The Policy `run` (a `harness.suite.RunSpec`) executes with; `auto` is planned for its HELM `requests`
+    (their `run_workload`), or without them for the longest request the model accepts."""
     from runtime.policy import Policy
 
     variant = run.variant
     fields = policy_fields(variant, run.batch_size)
     if variant.policy != "auto":
         return ResolvedPolicy(Policy.from_json(fields), variant.policy, "explicit")
-    return _plan_auto(run, fields)
+    return _plan_auto(run, fields, requests)
 
 
-def _plan_auto(run, fields: dict) -> ResolvedPolicy:
+def _plan_auto(run, fields: dict, requests: list | None) -> ResolvedPolicy:
     """`policy: auto`: the planner picks placement, weight format and the shape of the run's block (the batch
-    stays the run's) within `run.variant.memory`. HELM's requests are not known up front: it provisions
-    the backend's longest request (`auto_policy.plan_for_helm`'s workload). `$FLEXHELM_DEFAULT_POLICY`
-    other than `auto` (the test suite's `{}`) keeps the default placement instead."""
+    stays the run's) within `run.variant.memory`, for the run's longest request. Planning LAMBADA's
+    ~100-token passages as if they filled SmolLM2's 8192 positions cost 8 micro-batches of 4 and 3x the time.
+    `$FLEXHELM_DEFAULT_POLICY` other than `auto` (the test suite's `{}`) keeps the default placement instead."""
     from harness import auto_policy
     from runtime.policy import Policy
 
@@ -92,13 +119,17 @@ def _plan_auto(run, fields: dict) -> ResolvedPolicy:
     if auto_policy.default_policy_text() != auto_policy.AUTO:
         return ResolvedPolicy(base, "auto", "auto: default placement ($FLEXHELM_DEFAULT_POLICY)")
     started = time.perf_counter()
-    spec = auto_policy.model_spec(run.model.path)
-    gen = min(auto_policy.HELM_GEN_LEN, spec.max_positions // 2)
+    workload = run_workload(run.model.path, requests) if requests else None
+    if workload is None:  # provision the longest request the model accepts (`auto_policy.plan_for_helm`'s)
+        spec = auto_policy.model_spec(run.model.path)
+        gen = min(auto_policy.HELM_GEN_LEN, spec.max_positions // 2)
+        workload = Workload(spec.max_positions - gen, gen)
+    prompt_len, gen = workload.prompt_len, workload.gen_len
     plans, error = [], None
     for g in [g for g in range(1, base.block_size + 1) if base.block_size % g == 0]:  # the batch is the run's
         try:
             plans.append(auto_policy.plan(
-                run.model.path, spec.max_positions - gen, gen, num_seqs=base.block_size, base=base,
+                run.model.path, prompt_len, gen, num_seqs=base.block_size, base=base,
                 limits=auto_policy.Limits(**run.variant.memory), batch_sizes=[g],
                 num_batches=[base.block_size // g], compress=[(base.compress_weight, base.compress_cache)]))
         except PolicyError as e:  # this shape does not fit: another may
@@ -110,5 +141,5 @@ def _plan_auto(run, fields: dict) -> ResolvedPolicy:
     pred = plan.prediction
     prediction = {"throughput": pred.throughput, "prefill_s": pred.prefill_s, "decode_s": pred.decode_s,
                   "memory": pred.memory, "bottleneck": pred.bottleneck, "binding": plan.binding,
-                  "workload": {"prompt_len": spec.max_positions - gen, "gen_len": gen, "num_seqs": base.block_size}}
+                  "workload": {"prompt_len": prompt_len, "gen_len": gen, "num_seqs": base.block_size}}
     return ResolvedPolicy(policy, "auto", "auto: planner", prediction, time.perf_counter() - started)

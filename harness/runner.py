@@ -175,12 +175,12 @@ class SuiteRunner:
         run folder's files, then `done.json`; that returns the seconds the run spent in the runtime."""
         started = time.perf_counter()
         run_dir = self.run_dir(run)
-        # Choose the policy (a rerun keeps the first attempt's plan)
-        resolved = self._resolve(run, run_dir)
-
         # Load the scenario's instances and adapt them into requests (HELM's adapter)
         scenario, states = self._adapt(helm_spec)
         eval_instances = len({s.instance.id for s in states})
+
+        # Choose the policy for these requests (a rerun keeps the first attempt's plan)
+        resolved = self._resolve(run, run_dir, states)
 
         # Execute in batches on the runtime (batches finished before a crash come from the request cache)
         job = ExecutionJob(run.model.path, resolved.policy, run.batch_size, model_identity(run.model.path))
@@ -236,13 +236,13 @@ class SuiteRunner:
         return runtime_s
 
     @staticmethod
-    def _resolve(run: RunSpec, run_dir: Path) -> ResolvedPolicy:
-        """`resolve_policy(run)`, or the policy an earlier attempt of this run recorded: an `auto` plan depends
-        on the RAM free at the time, and another policy would miss the request cache of finished batches."""
+    def _resolve(run: RunSpec, run_dir: Path, states: list) -> ResolvedPolicy:
+        """`resolve_policy` for the run's requests, or the policy an earlier attempt of this run recorded: an
+        `auto` plan depends on the RAM free at the time, and another policy would miss the request cache."""
         saved = _read_json(run_dir / "policy.json")
         if saved.get("run_key") == run.key:
             return ResolvedPolicy.from_json(saved)
-        resolved = resolve_policy(run)
+        resolved = resolve_policy(run, [s.request for s in states])
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_json(run_dir / "policy.json", {**resolved.to_json(), "run_key": run.key})
         return resolved

@@ -145,7 +145,7 @@ def test_parse_bytes():
     assert parse_bytes("1.5GB") == 1_500_000_000 and parse_bytes("lots") is None and parse_bytes(True) is None
 
 
-@pytest.mark.parametrize("name, runs", [("quickstart", 16), ("overnight-opt", 28), ("smollm2-reference", 20)])
+@pytest.mark.parametrize("name, runs", [("quickstart", 16), ("overnight-opt", 28), ("smollm2-reference", 12)])
 def test_shipped_suites_are_valid(name, runs, tmp_path, tiny_opt, monkeypatch):
     """The shipped suites, pointed at a tiny model, pass every check, HELM's included."""
     pytest.importorskip("helm")
@@ -181,6 +181,33 @@ def test_auto_policy_plans_within_the_variants_memory_limits(tmp_path, tiny_opt,
     assert limited.policy.weights.disk > 0.0 and limited.prediction["memory"]["device"] <= ram
     assert limited.policy.block_size == free.policy.block_size == 4 and free.policy.compress_weight.bits == 4
     assert ResolvedPolicy.from_json(limited.to_json()).policy == limited.policy
+
+
+def test_auto_policy_plans_for_the_runs_own_requests(tmp_path, tiny_opt, monkeypatch):
+    """A suite run's plan holds its longest request, not the longest the model accepts: short prompts that
+    need less cache leave more of the RAM to the weights than a context-filling plan does."""
+    from types import SimpleNamespace
+
+    from harness.policies import Workload, resolve_policy, run_workload
+    from runtime.checkpoint import load_tokenizer
+    from tests.runtime.cost_fixtures import cpu_hardware
+
+    folder, model = tiny_opt()
+    hw = cpu_hardware(base_mem=2**20)
+    monkeypatch.setenv("FLEXHELM_HARDWARE", str(hw.save(tmp_path / "cpu.json")))
+    monkeypatch.setenv("FLEXHELM_DEFAULT_POLICY", "auto")
+    ram = hw.base_mem + sum(p.numel() * p.element_size() for p in model.parameters()) * 2
+    text = GOOD.replace("    compress: off\n", f"    compress: off\n    memory: {{{{device: {ram}}}}}\n")
+    run = load_suite(write(tmp_path, text, model=folder)).runs[0]
+    prompts = ["a short prompt", "the longest prompt of the run, by a few words", "mid length"]
+    requests = [SimpleNamespace(prompt=p, max_tokens=n) for p, n in zip(prompts, (0, 3, 5))]
+    longest = len(load_tokenizer(folder)(prompts[1])["input_ids"])  # OPT's tokenizer puts </s> first
+    assert run_workload(str(folder), requests) == Workload(longest, 5) and run_workload(str(folder), []) is None
+    short, full = resolve_policy(run, requests), resolve_policy(run)
+    assert short.prediction["workload"] == {"prompt_len": longest, "gen_len": 5, "num_seqs": 4}
+    assert full.prediction["workload"]["prompt_len"] + full.prediction["workload"]["gen_len"] == \
+        model.config.max_position_embeddings
+    assert full.policy.weights.disk > short.policy.weights.disk  # the short requests' cache leaves more RAM
 
 
 def test_gguf_model_entries_import_once_and_explain_missing_files(tmp_path, tokenizer_dir, monkeypatch, capsys):
