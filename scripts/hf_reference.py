@@ -1,0 +1,236 @@
+"""A suite's figures recomputed by HF transformers from the same requests, next to the harness's.
+
+    python scripts/hf_reference.py results/smollm2-reference [--out hf_reference.json]
+
+For every finished run of the suite folder, HF transformers (fp32 compute on the run's checkpoint folder)
+answers the run's own HELM requests as the runtime should: an echo request gets the log-prob of every prompt
+token, a generation request its greedy tokens (up to `max_tokens`, stopping at EOS). The run's figures are then
+computed from HF's answers with the metrics' definitions and printed beside the harness's (`stats.json`), with
+the relative difference and how many requests agree token for token. A run with 4-bit weights is compared with
+HF computing on the same weights quantized and dequantized by the runtime's quantizer (`runtime.quant`, fp32
+values of the 4-bit grid); the 4-bit KV cache has no HF counterpart, so cache variants compare with HF on the
+run's weights and their difference is the cache's effect.
+
+Figures: LAMBADA greedy accuracy (`lambada_accuracy`), target log-likelihood and perplexity (`target_logprob`,
+`target_perplexity`), WikiText token and word perplexity and bits per byte (`perplexity`, `word_perplexity`,
+`bits_per_byte`), MMLU exact match (`exact_match`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _stat(run_dir: Path, name: str) -> float | None:
+    for s in json.loads((run_dir / "stats.json").read_text()):
+        n = s["name"]
+        if n["name"] == name and n.get("split") == "test" and "perturbation" not in n and s.get("count", 0) > 0:
+            return s["mean"]
+    return None
+
+
+@functools.lru_cache(maxsize=2)
+def _model(folder: str, bits: int | None, group: int | None):
+    """HF's model (fp32) of `folder`; with `bits`, every matrix the runtime compresses (decoder linears; not the
+    embedding and a head tied to it, which the runtime keeps) replaced by its quantized-dequantized values."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from runtime.policy import QuantConfig
+    from runtime.quant import dequantize, quantize
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
+    if bits is not None:
+        tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if isinstance(module, torch.nn.Linear) and (name != "lm_head" or not tied):
+                    w = module.weight  # (out, in): groups along the input axis, as the runtime's
+                    w.copy_(dequantize(quantize(w, QuantConfig(bits=bits, group_size=group))).view_as(w))
+    return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _by_length(items: list[list[int]], batch: int):
+    """Indices of equal-length items in batches: no padding, so nothing depends on masks."""
+    groups: dict[int, list[int]] = {}
+    for i, x in enumerate(items):
+        groups.setdefault(len(x), []).append(i)
+    for idx in groups.values():
+        for i in range(0, len(idx), batch):
+            yield idx[i:i + batch]
+
+
+def _answers(model, tok, states: list[dict], batch: int) -> list[dict]:
+    """HF's answer to each request: `logprobs` of the prompt's tokens (echo; the first one, unpredicted, 0) or
+    the greedy token `ids` (generation)."""
+    import torch
+
+    from harness.backend import default_prefix
+
+    prefix = default_prefix(tok)
+    prompts = [prefix + tok(s["request"]["prompt"], add_special_tokens=False)["input_ids"] for s in states]
+    out: list[dict] = [{} for _ in states]
+    echo = [i for i, s in enumerate(states) if s["request"]["max_tokens"] == 0]
+    gen = [i for i, s in enumerate(states) if s["request"]["max_tokens"] > 0]
+    eos = model.generation_config.eos_token_id
+    with torch.no_grad():
+        for idx in _by_length([prompts[i] for i in echo], batch):
+            x = torch.tensor([prompts[echo[j]] for j in idx])  # (b, n)
+            lp = torch.log_softmax(model(input_ids=x).logits[:, :-1].double(), -1)  # (b, n-1, vocab)
+            got = lp.gather(-1, x[:, 1:, None])[..., 0]  # (b, n-1)
+            for j, row in zip(idx, got):
+                out[echo[j]]["logprobs"] = [0.0] + row.tolist()
+        for idx in _by_length([prompts[i] for i in gen], batch):
+            rows = [gen[j] for j in idx]
+            n = max(states[i]["request"]["max_tokens"] for i in rows)
+            x = torch.tensor([prompts[i] for i in rows])
+            y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
+                               eos_token_id=eos, pad_token_id=-1)[:, x.shape[1]:]
+            for i, ids in zip(rows, y.tolist()):
+                ids = ids[:states[i]["request"]["max_tokens"]]
+                stop = next((k for k, t in enumerate(ids) if t == -1 or _is_eos(t, eos)), len(ids))
+                out[i]["ids"] = ids[:stop]
+    return out
+
+
+def _is_eos(token: int, eos) -> bool:
+    return token in eos if isinstance(eos, list) else token == eos
+
+
+def _correct_letter(state: dict) -> str | None:
+    correct = [r["output"]["text"] for r in state["instance"]["references"] if "correct" in r.get("tags", [])]
+    mapping = state.get("output_mapping") or {}
+    return next((k for k, v in mapping.items() if correct and v == correct[0]), None)
+
+
+_ANSWERS: dict[tuple, list[dict]] = {}
+
+
+def compare_run(run_dir: Path, batch: int = 16) -> dict:
+    """The run's figures from HF's answers beside the harness's, and the agreement of the answers."""
+    from harness.token_text import TokenTexts
+    from scenarios.lambada_metrics import covering_suffix
+    from scenarios.wikitext_metrics import count_words
+
+    spec = json.loads((run_dir / "flexhelm_run.json").read_text())
+    variant, scenario = spec["variant"], spec["scenario"]["run"]
+    weights = variant["compress"] in ("weights", "both")
+    model, tok = _model(spec["model"]["path"], variant["bits"] if weights else None,
+                        variant["group_size"] if weights else None)
+    state = json.loads((run_dir / "scenario_state.json").read_text())
+    states = [s for s in state["request_states"] if s.get("result", {}).get("success")]
+    started = time.perf_counter()
+    # a cache variant asks the same requests of the same weights as its uncompressed twin: answered once
+    key = (spec["model"]["path"], weights and (variant["bits"], variant["group_size"]), scenario,
+           tuple(s["request"]["prompt"] for s in states))
+    answers = _ANSWERS.get(key) or _ANSWERS.setdefault(key, _answers(model, tok, states, batch))
+    texts = TokenTexts(tok)
+    hf_row: dict[str, float] = {}
+    agree, max_diff = 0, 0.0
+    if scenario.startswith("lambada") and "greedy" in scenario:
+        hits = []
+        for s, a in zip(states, answers):
+            ours = s["result"]["completions"][0]["tokens"]
+            theirs = [texts.token_bytes(t) for t in a["ids"]]
+            agree += b"".join(_token_bytes(t) for t in ours) == b"".join(theirs)
+            # the metric's rule (spells_at_token_boundary) on HF's tokens: the shortest prefix covering the word
+            goal = (" " + s["instance"]["references"][0]["output"]["text"]).encode()
+            have = b""
+            for piece in theirs:
+                have += piece
+                if len(have) >= len(goal):
+                    break
+            hits.append(float(have == goal))
+        hf_row["lambada_accuracy"] = sum(hits) / len(hits)
+    else:
+        ll_by_doc: dict[str, float] = {}
+        words: dict[str, int] = {}
+        tokens = bytes_ = 0
+        targets = []
+        for s, a in zip(states, answers):
+            if "logprobs" not in a:  # a generation request (MMLU): greedy answer text
+                continue
+            ours = s["result"]["completions"][0]["tokens"]
+            theirs = a["logprobs"][-len(ours):]
+            diffs = [abs(t["logprob"] - h) for t, h in zip(ours, theirs)]
+            max_diff = max([max_diff, *diffs[1:]])
+            agree += len(ours) == len(a["logprobs"]) and max(diffs[1:], default=0) <= 1e-3
+            swapped = [{**t, "logprob": h} for t, h in zip(ours, theirs)]
+            if scenario.startswith("lambada"):
+                goal = " " + s["instance"]["references"][0]["output"]["text"]
+                covering, _ = covering_suffix([_Tok(t) for t in swapped], goal)
+                targets.append(sum(t.logprob for t in covering))
+            else:  # language modelling: HELM scores the tokens after the window's conditioning ones
+                scored = swapped[s.get("num_conditioning_tokens", 0):]
+                doc = s["instance"]["id"]
+                ll_by_doc[doc] = ll_by_doc.get(doc, 0.0) + sum(t["logprob"] for t in scored)
+                words[doc] = count_words(s["instance"]["input"]["text"])
+                tokens += len(scored)
+                bytes_ += sum(len(_token_bytes(t)) for t in scored)
+        if targets:
+            mean = sum(targets) / len(targets)
+            hf_row.update(target_logprob=mean, target_perplexity=math.exp(-mean))
+        if ll_by_doc:
+            ll = sum(ll_by_doc.values())
+            hf_row.update(perplexity=math.exp(-ll / tokens), word_perplexity=math.exp(-ll / sum(words.values())),
+                          bits_per_byte=-ll / bytes_ / math.log(2))
+        gen = [(s, a) for s, a in zip(states, answers) if "ids" in a]
+        if gen:
+            matches = []
+            for s, a in gen:
+                text = tok.decode(a["ids"])
+                agree += text == s["result"]["completions"][0]["text"]
+                matches.append(float(text.strip() == _correct_letter(s)))
+            hf_row["exact_match"] = sum(matches) / len(matches)
+    rows = {}
+    for name, theirs in hf_row.items():
+        ours = _stat(run_dir, name)
+        rows[name] = {"ours": ours, "hf": theirs,
+                      "rel_diff": None if ours is None else abs(ours - theirs) / max(abs(theirs), 1e-12)}
+    return {"run": run_dir.name, "requests": len(states), "agree": agree, "max_logprob_diff": max_diff,
+            "hf_seconds": round(time.perf_counter() - started, 1), "figures": rows}
+
+
+class _Tok:
+    def __init__(self, t: dict) -> None:
+        self.text, self.logprob = t["text"], t["logprob"]
+
+
+def _token_bytes(t: dict) -> bytes:
+    from scenarios.lambada_metrics import token_bytes
+
+    return token_bytes(_Tok(t))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("suite_dir", type=Path, help="a suite's results folder (results/<suite>)")
+    ap.add_argument("--out", type=Path, help="write the comparison as JSON (default: SUITE_DIR/hf_reference.json)")
+    ap.add_argument("--runs", default="*", help="glob of run folder names (default: all finished runs)")
+    ap.add_argument("--batch", type=int, default=16)
+    args = ap.parse_args(argv)
+    out = args.out or args.suite_dir / "hf_reference.json"
+    done = json.loads(out.read_text()) if out.is_file() else {}
+    for run_dir in sorted(args.suite_dir.glob(args.runs)):
+        if not (run_dir / "done.json").is_file() or run_dir.name in done:
+            continue
+        result = compare_run(run_dir, args.batch)
+        done[run_dir.name] = result
+        out.write_text(json.dumps(done, indent=2) + "\n")  # one run at a time: an interrupted check resumes
+        for name, row in result["figures"].items():
+            print(f"{run_dir.name:55s} {name:18s} ours {row['ours']:.6g}  hf {row['hf']:.6g}  "
+                  f"rel {row['rel_diff']:.2e}  agree {result['agree']}/{result['requests']}  "
+                  f"({result['hf_seconds']} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
