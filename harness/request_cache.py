@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -68,6 +69,9 @@ class RequestCache:
                 continue
             self._remember(record)
         if len(whole) < len(data):
+            logging.getLogger("flexhelm").warning(
+                f"{self.path}: dropped a torn last line ({len(data) - len(whole)} bytes, a write cut short by a "
+                "kill); its batch is computed again")
             with open(self.path, "r+b") as f:
                 f.truncate(len(whole))
                 os.fsync(f.fileno())

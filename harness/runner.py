@@ -31,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from harness import atomic, helm_json
+from harness import atomic, helm_json, run_lock
 from harness.executor import ExecutionJob, Executor, LocalExecutor
 from harness.policies import ResolvedPolicy, resolve_policy
 from harness.progress import SuiteProgress
@@ -48,7 +48,8 @@ HELM_DIR = "_helm"
 class RunOutcome:
     run_id: str
     status: str
-    """`done` (computed now), `skipped` (finished before) or `failed`."""
+    """`done` (computed now), `skipped` (finished before), `failed`, or `busy` (another runner holds it; `error`
+    names the holder)."""
     wall_s: float = 0.0
     runtime_s: float = 0.0
     """Of `wall_s`, seconds inside the runtime (model load + engine calls)."""
@@ -117,8 +118,13 @@ class SuiteRunner:
                     for ahead in suite.runs[i:i + 2] if i == 0 else suite.runs[i + 1:i + 2]:
                         if not self.is_finished(ahead):  # the first while the first run plans, then the next
                             self._prefetch(helm_specs[(ahead.model.name, ahead.scenario.name)], ahead.id, finisher)
-                    pending.append(self._guarded(run, helm_specs[(run.model.name, run.scenario.name)], progress,
-                                                 finisher))
+                    try:
+                        pending.append(self._guarded(run, helm_specs[(run.model.name, run.scenario.name)],
+                                                     progress, finisher))
+                    except BaseException:  # Ctrl-C or SIGTERM: let finished runs finish, adapt nothing new
+                        for ahead in self._prefetched.values():
+                            ahead.cancel()
+                        raise
                     self._report(pending, progress, wait=False)
                 self._report(pending, progress, wait=True)
         finally:
@@ -147,7 +153,12 @@ class SuiteRunner:
         if self.is_finished(run):
             return _resolved(RunOutcome(run.id, "skipped"))
         run_dir = self.run_dir(run)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = run_lock.try_lock(run_dir)  # held until the run is finished or failed (harness/run_lock.py)
+        if lock is None:
+            return _resolved(RunOutcome(run.id, "busy", error=run_lock.holder(run_dir)))
+        if self.is_finished(run):  # its holder finished it while we were getting here
+            lock.release()
+            return _resolved(RunOutcome(run.id, "skipped"))
         (run_dir / DONE).unlink(missing_ok=True)  # a stale marker from an edited entry must not survive a crash
         log = RunLog(run_dir / "run.log", run.id)
         started = time.perf_counter()
@@ -162,10 +173,17 @@ class SuiteRunner:
             finally:
                 if last:
                     log.close()
+                    lock.release()
 
-        finish = guarded(lambda: self.run_one(run, helm_spec, progress), last=False)
+        try:
+            finish = guarded(lambda: self.run_one(run, helm_spec, progress), last=False)
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM): the batches done are in the request cache
+            log.close()
+            lock.release()
+            raise
         if isinstance(finish, RunOutcome):
             log.close()
+            lock.release()
             return _resolved(finish)
         done = lambda: RunOutcome(run.id, "done", time.perf_counter() - started, finish())  # noqa: E731
         return finisher.submit(guarded, done, True)
@@ -353,6 +371,8 @@ def _summary(o: RunOutcome) -> str:
         return f"  skipped  {o.run_id} (finished before)"
     if o.status == "failed":
         return f"  FAILED   {o.run_id}: {o.error} (see its run.log)"
+    if o.status == "busy":
+        return f"  busy     {o.run_id}: another flexhelm run is computing it ({o.error}); left to it"
     return f"  done     {o.run_id} in {o.wall_s:.1f} s ({o.runtime_s:.1f} s in the runtime)"
 
 

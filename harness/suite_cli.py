@@ -7,6 +7,8 @@ Kept apart from `harness/cli.py`, which only calls `add_commands`; each command 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 from pathlib import Path
 
@@ -48,12 +50,35 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  {run.id}  [{run.scenario.run}, instances {limit}, policy {_policy_text(run.variant)}] {state}")
         return 0
     print(f"suite {suite.name}: {len(suite.runs)} runs -> {runner.suite_dir(suite)}/", flush=True)
-    outcomes = runner.run(suite)
-    failed = [o for o in outcomes if o.status == "failed"]
-    done = sum(o.status == "done" for o in outcomes)
-    print(f"suite {suite.name}: {done} run now, {len(outcomes) - done - len(failed)} finished before, "
-          f"{len(failed)} failed")
-    return 1 if failed else 0
+    again = f"flexhelm run {args.suite} --results {args.results}" + (
+        f" --max-instances {args.max_instances}" if args.max_instances else "")
+    try:
+        with _sigterm_interrupts():
+            outcomes = runner.run(suite)
+    except KeyboardInterrupt:
+        print(f"\nsuite {suite.name}: interrupted; finished runs and every finished batch of the run in progress "
+              f"are kept. Resume with: {again}", file=sys.stderr)
+        return 130
+    count = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed", "busy")}
+    busy = f", {count['busy']} left to another flexhelm run (run the command again when it ends: {again})" \
+        if count["busy"] else ""
+    print(f"suite {suite.name}: {count['done']} run now, {count['skipped']} finished before, "
+          f"{count['failed']} failed{busy}")
+    return 1 if count["failed"] or count["busy"] else 0
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a scheduler's or `kill`'s stop) ends a suite as Ctrl-C does: the run in progress stops between
+    batches' writes, its finished batches stay in its request cache, finished runs stay finished."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

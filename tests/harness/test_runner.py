@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -115,7 +116,7 @@ def test_edited_entry_reruns_and_reuses_the_cache(suite_file, tmp_path):
     assert len(rerun.processed) < 2 * 12
 
 
-def test_torn_cache_line_is_dropped(tmp_path):
+def test_torn_cache_line_is_dropped(tmp_path, caplog):
     from helm.common.request import RequestResult
 
     cache = RequestCache(tmp_path / "requests.jsonl")
@@ -127,6 +128,7 @@ def test_torn_cache_line_is_dropped(tmp_path):
         f.write(b'{"calls": [], "results": {"b": {"succ')  # killed mid-write
     reopened = RequestCache(tmp_path / "requests.jsonl")
     assert reopened.get("a") == ok and reopened.get("b") is None
+    assert "dropped a torn last line (37 bytes" in caplog.text
     reopened.add_batch([("c", ok)], [])
     reopened.flush()
     assert set(RequestCache(tmp_path / "requests.jsonl").results) == {"a", "c"}
@@ -251,3 +253,122 @@ def test_a_suite_runs_on_a_llama_family_model(tmp_path, tokenizer_dir):
         assert means[f"qwen2-tiny--synthetic--{variant}--b4"]["num_output_tokens"] == 4
     ppl = [means[f"qwen2-tiny--wikitext--{v}--b3"]["perplexity"] for v in ("fp16", "4bit")]
     assert 1 < ppl[0] < 10 * 300 and ppl[1] != ppl[0] and abs(ppl[1] / ppl[0] - 1) < 0.2  # 4-bit: close, not equal
+
+
+def _same_as(clean_dir, other_dir) -> None:
+    for run_dir in sorted(clean_dir.glob("tiny--*")):
+        for name in SAME_FILES:
+            assert (other_dir / run_dir.name / name).read_text() == (run_dir / name).read_text(), run_dir.name
+
+
+def _duplicate_keys(suite_dir) -> list[str]:
+    """Request keys written more than once into a run's cache (a request computed twice)."""
+    dupes = []
+    for path in suite_dir.glob("*/requests.jsonl"):
+        seen: set[str] = set()
+        for line in path.read_text().splitlines():
+            keys = set(json.loads(line)["results"])
+            dupes += sorted(seen & keys)
+            seen |= keys
+    return dupes
+
+
+def test_a_run_held_by_another_runner_is_left_to_it(suite_file, tmp_path):
+    """A run folder whose lock another runner holds is not touched; once free, the same command finishes it."""
+    from harness.run_lock import try_lock
+
+    clean = FakeRuntime()
+    run_suite(suite_file, tmp_path / "clean", clean)
+    held = tmp_path / "r" / "fake" / "tiny--wikitext--4bit--b3"
+    lock = try_lock(held)  # flock is per open file: a second open in this process is refused as another's
+    assert lock is not None and try_lock(held) is None
+    first = run_suite(suite_file, tmp_path / "r", FakeRuntime())
+    busy = [o for o in first if o.status == "busy"]
+    assert [o.run_id for o in busy] == [held.name] and f"pid {os.getpid()}" in busy[0].error
+    assert sum(o.status == "done" for o in first) == 7 and not (held / "requests.jsonl").exists()
+    lock.release()
+    second = FakeRuntime()
+    assert [o.status for o in run_suite(suite_file, tmp_path / "r", second)].count("done") == 1
+    clean_state = tmp_path / "clean" / "fake" / held.name / "scenario_state.json"
+    assert len(second.processed) == len(json.loads(clean_state.read_text())["request_states"])  # that run alone
+    _same_as(tmp_path / "clean" / "fake", tmp_path / "r" / "fake")
+
+
+CONCURRENT = """\
+import sys
+from harness.executor import LocalExecutor
+from harness.runner import SuiteRunner
+from harness.suite import load_suite
+from tests.harness.fake_runtime import FakeRuntime
+out = SuiteRunner(sys.argv[2], LocalExecutor(FakeRuntime(delay_s=0.02)), progress=False).run(load_suite(sys.argv[1]))
+print(" ".join(o.status for o in out))
+"""
+
+
+def test_two_runners_of_one_suite_at_once(suite_file, tmp_path):
+    """Two `flexhelm run` of the same suite into the same folder at once: no run is written by both, no request
+    is computed twice into a cache; between them (and a rerun for what each left to the other) the suite ends
+    as an uninterrupted run does."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run_suite(suite_file, tmp_path / "clean", FakeRuntime())
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(suite_file), str(tmp_path / "r")], cwd=root,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    statuses = [out.splitlines()[-1].split() for out, _ in outs]
+    assert all(len(s) == 8 and "failed" not in s for s in statuses), outs
+    assert _duplicate_keys(tmp_path / "r" / "fake") == []
+    rerun = FakeRuntime()
+    run_suite(suite_file, tmp_path / "r", rerun)  # picks up what each left to the other while it ran
+    assert _duplicate_keys(tmp_path / "r" / "fake") == []
+    _same_as(tmp_path / "clean" / "fake", tmp_path / "r" / "fake")
+
+
+SIGTERMED = """\
+import sys
+import harness.runner as runner
+from harness.executor import LocalExecutor
+from tests.harness.fake_runtime import FakeRuntime
+init = runner.SuiteRunner.__init__
+runner.SuiteRunner.__init__ = lambda self, results, executor=None, progress=None: init(
+    self, results, LocalExecutor(FakeRuntime(delay_s=0.05)), False)
+from harness.cli import main
+sys.exit(main(["run", sys.argv[1], "--results", sys.argv[2]]))
+"""
+
+
+def test_sigterm_stops_the_suite_keeps_its_work_and_says_how_to_resume(suite_file, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    run_suite(suite_file, tmp_path / "clean", FakeRuntime())
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERMED, str(suite_file), str(tmp_path / "r")], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    cache = tmp_path / "r" / "fake" / "tiny--wikitext--fp16--b3" / "requests.jsonl"
+    deadline = time.monotonic() + 120
+    while not (cache.is_file() and cache.read_bytes().count(b"\n") >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, "the suite ended before SIGTERM"
+        time.sleep(0.01)
+    lines = (tmp_path / "r" / "fake" / "tiny--lambada--fp16--b3" / "requests.jsonl").read_bytes().count(b"\n")
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - sent < 10
+    assert f"Resume with: flexhelm run {suite_file} --results {tmp_path / 'r'}" in err
+    assert "Traceback" not in err
+    done = {p.parent.name for p in (tmp_path / "r" / "fake").glob("*/done.json")}
+    assert "tiny--lambada--fp16--b3" in done and len(done) < 8 and lines == 4  # finished work kept
+    rerun = FakeRuntime()
+    run_suite(suite_file, tmp_path / "r", rerun)
+    assert _duplicate_keys(tmp_path / "r" / "fake") == []
+    _same_as(tmp_path / "clean" / "fake", tmp_path / "r" / "fake")
