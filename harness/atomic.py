@@ -13,20 +13,32 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def write_with(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call `write(tmp_path)` to produce the file, then move it into place atomically."""
+def write_with(path: str | os.PathLike, write: Callable[[str], None], size: int | None = None) -> Path:
+    """Call `write(tmp_path)` to produce the file (about `size` bytes, if known), then move it into place
+    atomically. A full disk is a `DiskFullError` naming the folder, the bytes needed and those free."""
+    from runtime.errors import disk_full
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private (0600); results are ordinary files
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private (0600); results are ordinary files
+        os.close(fd)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        full = disk_full(e, path.parent, size)
+        if full is None:
+            raise
+        raise full from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -37,7 +49,8 @@ def write_with(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    return write_with(path, lambda tmp: Path(tmp).write_text(text))
+    data = text.encode()
+    return write_with(path, lambda tmp: Path(tmp).write_bytes(data), len(data))
 
 
 def write_json(path: str | os.PathLike, data) -> Path:

@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from harness.helm_json import result_from_json, to_tree
+from runtime.errors import disk_full
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
 
@@ -115,14 +116,17 @@ class RequestCache:
         record = {"calls": calls, "results": {k: to_tree(r) for k, r in keyed_results}}
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            view = memoryview(line)
-            while view:  # a regular file takes it all at once, unless a signal interrupts the write
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                view = memoryview(line)
+                while view:  # a regular file takes it all at once, unless a signal interrupts the write
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:  # a part written before a full disk is a torn tail: dropped on the next load
+            raise disk_full(e, self.path.parent, len(line)) or e from None
 
     def _remember(self, record: dict) -> None:
         self.results.update(record["results"])

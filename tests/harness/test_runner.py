@@ -157,6 +157,38 @@ def test_cache_write_errors_reach_the_run(tmp_path, monkeypatch):
         cache.add_batch([("c", ok)], [])
 
 
+def test_full_disk_while_writing_a_runs_files_fails_it_named_and_loses_nothing(suite_file, tmp_path, monkeypatch):
+    """ENOSPC while a run writes its result files: that run fails with one line naming the folder and the bytes
+    it needed, no partial file and no `done.json` is left, the request cache stays whole; with room again the
+    same command finishes the suite without computing a request twice."""
+    import errno
+    from pathlib import Path
+
+    run_suite(suite_file, tmp_path / "clean", FakeRuntime())
+    real = Path.write_bytes
+
+    def full_for_stats(self, data):
+        if self.name.startswith(".stats.json."):
+            real(self, data[:len(data) // 2])  # half written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_for_stats)
+    first = FakeRuntime()
+    outcomes = run_suite(suite_file, tmp_path / "r", first)
+    monkeypatch.undo()
+    assert {o.status for o in outcomes} == {"failed"}
+    run_dir = tmp_path / "r" / "fake" / "tiny--lambada--fp16--b3"
+    assert f"no room to write in {run_dir} (No space left on device: needed " in outcomes[0].error
+    assert "bytes free); free space there and run the same command again" in outcomes[0].error
+    assert not list(run_dir.glob(".stats.json.*")) and not (run_dir / "stats.json").exists()
+    assert not list((tmp_path / "r" / "fake").glob("*/done.json"))
+    again = FakeRuntime()
+    assert {o.status for o in run_suite(suite_file, tmp_path / "r", again)} == {"done"}
+    assert again.processed == [] and _duplicate_keys(tmp_path / "r" / "fake") == []  # all from the caches
+    _same_as(tmp_path / "clean" / "fake", tmp_path / "r" / "fake")
+
+
 def test_failed_run_is_reported_and_others_go_on(suite_file, tmp_path):
     class Broken(FakeRuntime):
         def __call__(self, model_dir, policy):
