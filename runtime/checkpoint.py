@@ -63,10 +63,24 @@ def _read_safetensor(entry: dict) -> torch.Tensor:
     view = out.reshape(-1).view(torch.uint8).numpy()
     if view.nbytes != end - start:
         raise CheckpointError(f"{entry['file']}: a tensor's size disagrees with its shape; the file is corrupt")
-    with open(entry["file"], "rb", buffering=0) as f:
-        f.seek(entry["base"] + start)
-        if f.readinto(memoryview(view)) != view.nbytes:
-            raise CheckpointError(f"{entry['file']} is truncated; re-copy or re-download it")
+    offset, buf = entry["base"] + start, memoryview(view)
+    try:
+        fd = os.open(entry["file"], os.O_RDONLY)
+        try:
+            got = 0
+            while got < len(buf):  # a regular file returns less only at its end (or on a signal)
+                n = os.preadv(fd, [buf[got:]], offset + got)
+                if n == 0:
+                    break
+                got += n
+        finally:
+            os.close(fd)
+    except OSError as e:  # EIO: a failing disk or a damaged copy; never go on with a zero-filled tensor
+        raise CheckpointError(f"cannot read {entry['file']} at offset {offset} ({view.nbytes} bytes): {e.strerror}; "
+                              "the file or its disk is damaged: re-copy or re-download it") from None
+    if got != view.nbytes:
+        raise CheckpointError(f"{entry['file']} is truncated (read {got} of {view.nbytes} bytes at offset {offset}); "
+                              "re-copy or re-download it")
     return out
 
 

@@ -42,6 +42,16 @@ class OffloadError(FlexhelmError):
     """The offload folder cannot be used (missing, read-only, full) or holds damaged files."""
 
 
+def _damaged(path: Path) -> str:
+    """What to do about a file that failed a read; a prepared weights folder (`runtime.offload`) loses its
+    manifest, so the next run rebuilds it instead of trusting the file again."""
+    manifest = path.parent / "manifest.json"
+    if manifest.is_file():
+        manifest.unlink(missing_ok=True)
+        return f"the prepared weights in {path.parent} are rebuilt on the next run"
+    return "the file or its disk is damaged: re-copy the checkpoint (or delete the file if flexhelm wrote it)"
+
+
 @dataclass(frozen=True)
 class Region:
     """`nbytes` bytes at `offset` of `path`."""
@@ -199,17 +209,18 @@ class DiskIO:
     def _pread(fd: int, buf: memoryview, offset: int, need: int, path: Path, direct: bool) -> None:
         try:
             got = os.preadv(fd, [buf], offset)
-        except OSError as e:  # O_DIRECT opened but refused here (a logical block larger than ALIGN): buffered
-            if not direct or e.errno != errno.EINVAL:
-                raise
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                return DiskIO._pread(fd, buf, offset, need, path, direct=False)
-            finally:
-                os.close(fd)
+        except OSError as e:
+            if direct and e.errno == errno.EINVAL:  # O_DIRECT opened but refused (a logical block > ALIGN)
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    return DiskIO._pread(fd, buf, offset, need, path, direct=False)
+                finally:
+                    os.close(fd)
+            raise OffloadError(f"cannot read {path} at offset {offset} ({need} bytes): {e.strerror}; "
+                               f"{_damaged(path)}") from None
         if got < need:
-            raise OffloadError(f"{path} is shorter than expected (read {got} of {need} bytes at {offset}); "
-                               "the file is truncated: delete it and rerun to rebuild it")
+            raise OffloadError(f"{path} is truncated (read {got} of {need} bytes at offset {offset}); "
+                               f"{_damaged(path)}")
         if not direct:  # buffered reads leave pages in the cache: drop them
             os.posix_fadvise(fd, offset, len(buf), os.POSIX_FADV_DONTNEED)
 

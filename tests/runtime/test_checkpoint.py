@@ -80,6 +80,24 @@ def test_truncated_and_corrupt_safetensors(tiny_opt, tmp_path):
         Engine(d)
 
 
+def test_read_error_names_the_file_and_offset(tiny_opt, tmp_path, monkeypatch):
+    """EIO while reading a tensor (a failing disk): an error with the file and offset, never a zero tensor."""
+    import errno
+    import os
+
+    src, _ = tiny_opt("pre")
+    ckpt = Checkpoint(src)
+    name = next(iter(ckpt._entries))
+
+    def eio(fd, buffers, offset):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "preadv", eio)
+    with pytest.raises(CheckpointError, match=r"cannot read .*model.safetensors at offset \d+ \(\d+ bytes\): "
+                                              r"Input/output error; the file or its disk is damaged"):
+        ckpt.tensor(name)
+
+
 def test_missing_shard_and_missing_tensor(tiny_opt, tmp_path):
     src, _ = tiny_opt("pre", "sharded")
     d = _copy(src, tmp_path / "s")

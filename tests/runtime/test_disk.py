@@ -156,3 +156,40 @@ def test_staging_buffers_are_huge_pages_and_read_exactly(tmp_path):
         assert [bytes(p.numpy()) for p in parts] == [data[r.offset:r.offset + r.nbytes] for r in regions]
     finally:
         io.close()
+
+
+def test_read_errors_name_the_file_and_offset_and_a_prepared_folder_is_rebuilt(tmp_path, monkeypatch):
+    """EIO in the middle of a run: the error names the file and the offset, nothing is zero-filled, and prepared
+    weights that failed a read are not trusted again: the next run builds them anew."""
+    from runtime.offload import OffloadDir
+
+    built = []
+
+    def producer(value: int):
+        return lambda: built.append(value) or torch.full((1024,), value, dtype=torch.uint8)
+
+    items = {"a": (1024, producer(1)), "b": (1024, producer(2))}
+    offload = OffloadDir(tmp_path / "offload")
+    regions = offload.prepared({"model": "x"}, items)
+    assert built == [1, 2]
+    real = os.preadv
+
+    def failing(fd, buffers, offset):
+        if os.readlink(f"/proc/self/fd/{fd}") == str(regions["b"].path):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", failing)
+    io = DiskIO()
+    try:
+        out = torch.zeros(1024, dtype=torch.uint8)
+        io.read([regions["a"]], out).wait()
+        assert int(out[0]) == 1
+        with pytest.raises(OffloadError, match=rf"cannot read {regions['b'].path} at offset 0 \(1024 bytes\): "
+                                               r"Input/output error; the prepared weights in .* are rebuilt"):
+            io.read([regions["b"]], torch.zeros(1024, dtype=torch.uint8)).wait()
+    finally:
+        io.close()
+    monkeypatch.undo()
+    again = offload.prepared({"model": "x"}, items)
+    assert built == [1, 2, 1, 2] and again.keys() == regions.keys()  # rebuilt, not trusted
