@@ -82,6 +82,7 @@ def _answers(model, tok, states: list[dict], batch: int) -> list[dict]:
     echo = [i for i, s in enumerate(states) if s["request"]["max_tokens"] == 0]
     gen = [i for i, s in enumerate(states) if s["request"]["max_tokens"] > 0]
     eos = model.generation_config.eos_token_id
+    pad = eos[0] if isinstance(eos, list) else eos  # a finished row is padded with EOS: cut at the first below
     with torch.no_grad():
         for idx in _by_length([prompts[i] for i in echo], batch):
             x = torch.tensor([prompts[echo[j]] for j in idx])  # (b, n)
@@ -94,10 +95,10 @@ def _answers(model, tok, states: list[dict], batch: int) -> list[dict]:
             n = max(states[i]["request"]["max_tokens"] for i in rows)
             x = torch.tensor([prompts[i] for i in rows])
             y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
-                               eos_token_id=eos, pad_token_id=-1)[:, x.shape[1]:]
+                               eos_token_id=eos, pad_token_id=pad)[:, x.shape[1]:]
             for i, ids in zip(rows, y.tolist()):
                 ids = ids[:states[i]["request"]["max_tokens"]]
-                stop = next((k for k, t in enumerate(ids) if t == -1 or _is_eos(t, eos)), len(ids))
+                stop = next((k for k, t in enumerate(ids) if _is_eos(t, eos)), len(ids))
                 out[i]["ids"] = ids[:stop]
     return out
 
