@@ -210,6 +210,21 @@ def test_auto_policy_plans_for_the_runs_own_requests(tmp_path, tiny_opt, monkeyp
     assert full.policy.weights.disk > short.policy.weights.disk  # the short requests' cache leaves more RAM
 
 
+def test_auto_policy_prefers_one_micro_batch_when_the_plans_are_close():
+    """Block shapes whose predictions are within 10%: the fewest micro-batches wins (per-micro-batch work is
+    outside the cost model); a shape that is clearly faster still wins."""
+    from types import SimpleNamespace
+
+    from harness.policies import pick_plan
+
+    def plan(g: int, throughput: float):
+        return SimpleNamespace(policy=SimpleNamespace(gpu_batch_size=g), prediction=SimpleNamespace(
+            throughput=throughput))
+
+    assert pick_plan([plan(32, 5.54), plan(8, 5.56), plan(2, 5.78), plan(1, 4.93)]).policy.gpu_batch_size == 32
+    assert pick_plan([plan(32, 4.0), plan(8, 5.0), plan(2, 5.2)]).policy.gpu_batch_size == 8
+
+
 def test_gguf_model_entries_import_once_and_explain_missing_files(tmp_path, tokenizer_dir, monkeypatch, capsys):
     """`gguf:` names a file (or `<package>/<file>`): imported into the cache on first use, reused after; a damaged
     import is redone; a missing file or package is a suite error naming the line."""
