@@ -9,6 +9,8 @@ never sent again.
 
 from __future__ import annotations
 
+import gc
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,13 +57,18 @@ class Executor(Protocol):
                 on_batch: Callable[[BatchDone], None]) -> tuple[list, ExecutionReport]:
         """Fill in `result` of every state; batches of `job.batch_size`, each recorded in `cache` when done."""
 
+    def release(self) -> None:
+        """Free what the executor holds for the runs so far (a loaded model); called at a suite's end."""
+
 
 class LocalExecutor:
-    """Runs batches in this process on a backend from `backend_factory(model_dir, policy)`
-    (default: `harness.backend.get_backend`, one loaded model per folder and policy per process)."""
+    """Runs batches in this process on a backend from `backend_factory(model_dir, policy)`; by default it holds
+    one `RuntimeBackend` at a time, for the current model folder and policy, and closes it (I/O threads,
+    scratch files, the model's memory) when a run needs another: a suite of a hundred runs holds one model."""
 
     def __init__(self, backend_factory: Callable | None = None) -> None:
         self.backend_factory = backend_factory
+        self._held: tuple[tuple, object] | None = None
 
     def execute(self, job: ExecutionJob, states: list, cache: RequestCache,
                 on_batch: Callable[[BatchDone], None]) -> tuple[list, ExecutionReport]:
@@ -98,8 +105,21 @@ class LocalExecutor:
         return states, report
 
     def _backend(self, job: ExecutionJob):
-        factory = self.backend_factory
-        if factory is None:
-            from harness.backend import get_backend as factory
-        return factory(job.model_dir, job.policy)
+        if self.backend_factory is not None:
+            return self.backend_factory(job.model_dir, job.policy)
+        key = (job.model_dir, json.dumps(job.policy.to_json(), sort_keys=True))
+        if self._held is None or self._held[0] != key:
+            from harness.backend import RuntimeBackend
+
+            self.release()
+            self._held = (key, RuntimeBackend(job.model_dir, job.policy))
+        return self._held[1]
+
+    def release(self) -> None:
+        """Close the backend held for the last run (the suite's end, or another model or policy next)."""
+        held, self._held = self._held, None
+        if held is not None:
+            held[1].engine.close()
+            del held
+            gc.collect()  # the model's tensors go now, not at some later collection
 

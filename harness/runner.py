@@ -129,6 +129,7 @@ class SuiteRunner:
                 self._report(pending, progress, wait=True)
         finally:
             progress.close()
+            self.executor.release()  # the last run's model: a suite leaves nothing loaded behind
         return [f.result() for f in pending]
 
     @staticmethod

@@ -404,3 +404,55 @@ def test_sigterm_stops_the_suite_keeps_its_work_and_says_how_to_resume(suite_fil
     run_suite(suite_file, tmp_path / "r", rerun)
     assert _duplicate_keys(tmp_path / "r" / "fake") == []
     _same_as(tmp_path / "clean" / "fake", tmp_path / "r" / "fake")
+
+
+def test_a_suite_holds_one_model_at_a_time_and_leaves_no_threads_or_files(tmp_path, tiny_opt, monkeypatch):
+    """A long suite must not grow: the real backend of each run replaces the last one (closed: its I/O threads,
+    scratch files and weights go), and after the suite the threads and open files are those before it."""
+    import gc
+    import threading
+    import weakref
+
+    from harness.backend import RuntimeBackend
+
+    folder, _ = tiny_opt()
+    monkeypatch.setenv("FLEXHELM_CACHE", str(tmp_path / "cache"))
+    variants = "".join(f"""\
+  - name: {name}
+    compress: {compress}
+    policy: {{weights: {{device: 0.5, host: 0.0}}}}
+    batch_sizes: [2]
+""" for name, compress in (("fp16", "off"), ("w4", "weights"), ("c4", "cache")))
+    text = suite_text("long", folder, f"""\
+scenarios:
+  - run: synthetic:num_prompts=4,prompt_len=8,output_len=2
+    name: synthetic
+  - run: lambada:method=greedy
+    name: lambada
+    max_instances: 2
+variants:
+{variants}""")
+    path = tmp_path / "long.yaml"
+    path.write_text(text)
+    alive_at_load: list[int] = []
+    backends: list[weakref.ref] = []
+    init = RuntimeBackend.__init__
+
+    def counting(self, *args, **kwargs):
+        alive_at_load.append(sum(r() is not None for r in backends))
+        init(self, *args, **kwargs)
+        backends.append(weakref.ref(self))
+
+    monkeypatch.setattr(RuntimeBackend, "__init__", counting)
+
+    def suite(results) -> list[str]:
+        return [o.status for o in SuiteRunner(results, LocalExecutor(), progress=False).run(load_suite(path))]
+
+    assert suite(tmp_path / "warm") == ["done"] * 6  # HELM's and torch's own threads start here, once
+    gc.collect()
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    assert suite(tmp_path / "r") == ["done"] * 6
+    gc.collect()
+    assert len(alive_at_load) == 12 and set(alive_at_load) == {0}  # each run's model replaced the last one
+    assert all(r() is None for r in backends)  # and the suite's end let the last one go
+    assert threading.active_count() == threads and len(os.listdir("/proc/self/fd")) == fds
