@@ -21,20 +21,32 @@ AUTO = "auto"
 COMPRESS_CHOICES = ("none", "weight", "cache", "both", "any")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
           "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*")
 
 
 def default_policy_text() -> str:
     return os.environ.get("FLEXHELM_DEFAULT_POLICY") or AUTO
 
 
+def size_bytes(value) -> int | None:
+    """The one grammar of sizes (suite files' `memory:`, `--host-mem` and the like): `16GiB`, `512 MB`, `1.5GB`,
+    `6G` (10^9), `6e9`, or a plain non-negative integer -> bytes; None if it is none of these."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if value >= 0 else None
+    m = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if m is None or m.group(2).lower() not in _UNITS:
+        return None
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
 def parse_size(text: str) -> int:
-    """`6GiB`, `6G` (10^9), `512MiB`, `1.5TB`, `6e9` -> bytes."""
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
+    """`size_bytes`, or a `PolicyError` saying what a size looks like."""
+    size = size_bytes(text)
+    if size is None:
         from runtime.errors import PolicyError
 
         raise PolicyError(f"memory size {text!r} is not a size like 6GiB, 512MiB, 6G or 6e9")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    return size
 
 
 @dataclass(frozen=True)

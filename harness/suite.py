@@ -42,14 +42,12 @@ from enum import Enum
 from pathlib import Path
 
 from harness import suite_yaml
+from harness.auto_policy import size_bytes
 from runtime.errors import FlexhelmError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SUITES_DIR = PROJECT_ROOT / "suites"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-MEMORY = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 TIERS = ("device", "host", "disk")
 
 
@@ -302,7 +300,7 @@ class _Parser:
             if tier not in TIERS:
                 self.fail(where + ("memory", tier), f"unknown tier; known: {', '.join(TIERS)}")
                 continue
-            parsed = parse_bytes(size)
+            parsed = size_bytes(size)
             if parsed is None:
                 self.fail(where + ("memory", tier), f"must be a size like 16GiB or 512MB, got {size!r}")
             else:
@@ -377,13 +375,3 @@ class _Parser:
                         run_id = f"{m.name}--{s.name}--{v.name}--b{batch}"
                         runs.append(RunSpec(suite, run_id, m, s, v, batch))
         return runs
-
-
-def parse_bytes(value) -> int | None:
-    """`16GiB`, `512 MB`, `1.5GB` or a plain number of bytes -> bytes; None if it is none of these."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    match = MEMORY.fullmatch(value) if isinstance(value, str) else None
-    if match is None:
-        return None
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.suite import Compression, SuiteError, load_suite, parse_bytes
+from harness.auto_policy import size_bytes
+from harness.suite import Compression, SuiteError, load_suite
 from tests.harness.fake_runtime import suite_text
 
 GOOD = suite_text("s1", "{model}", """\
@@ -140,9 +141,12 @@ def test_bad_scenario_is_rejected_with_its_line_before_any_run(tmp_path, tiny_op
     assert not (results / "s1").exists() or not any(p.name.startswith("tiny--") for p in (results / "s1").iterdir())
 
 
-def test_parse_bytes():
-    assert parse_bytes("16GiB") == 16 * 2**30 and parse_bytes("512 MB") == 512 * 10**6 and parse_bytes(7) == 7
-    assert parse_bytes("1.5GB") == 1_500_000_000 and parse_bytes("lots") is None and parse_bytes(True) is None
+def test_one_size_grammar_for_suites_and_flags():
+    assert size_bytes("16GiB") == 16 * 2**30 and size_bytes("512 MB") == 512 * 10**6 and size_bytes(7) == 7
+    assert size_bytes("1.5GB") == 1_500_000_000 and size_bytes("lots") is None and size_bytes(True) is None
+    # what only one of the two grammars used to accept
+    assert size_bytes("6G") == 6 * 10**9 and size_bytes("6e9") == 6 * 10**9 and size_bytes("2 GiB") == 2 * 2**30
+    assert size_bytes(-1) is None and size_bytes("1.5.2GB") is None
 
 
 @pytest.mark.parametrize("name, runs", [("quickstart", 16), ("overnight-opt", 28), ("smollm2-reference", 12)])
