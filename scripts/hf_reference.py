@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from reference_eval import _grouped  # noqa: E402  (equal-length batches: no padding, nothing rests on masks)
+
 
 def _stat(run_dir: Path, name: str) -> float | None:
     for s in json.loads((run_dir / "stats.json").read_text()):
@@ -59,16 +61,6 @@ def _model(folder: str, bits: int | None, group: int | None):
     return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def _by_length(items: list[list[int]], batch: int):
-    """Indices of equal-length items in batches: no padding, so nothing depends on masks."""
-    groups: dict[int, list[int]] = {}
-    for i, x in enumerate(items):
-        groups.setdefault(len(x), []).append(i)
-    for idx in groups.values():
-        for i in range(0, len(idx), batch):
-            yield idx[i:i + batch]
-
-
 def _answers(model, tok, states: list[dict], batch: int) -> list[dict]:
     """HF's answer to each request: `logprobs` of the prompt's tokens (echo; the first one, unpredicted, 0) or
     the greedy token `ids` (generation)."""
@@ -84,13 +76,13 @@ def _answers(model, tok, states: list[dict], batch: int) -> list[dict]:
     eos = model.generation_config.eos_token_id
     pad = eos[0] if isinstance(eos, list) else eos  # a finished row is padded with EOS: cut at the first below
     with torch.no_grad():
-        for idx in _by_length([prompts[i] for i in echo], batch):
+        for idx in _grouped([prompts[i] for i in echo], batch):
             x = torch.tensor([prompts[echo[j]] for j in idx])  # (b, n)
             lp = torch.log_softmax(model(input_ids=x).logits[:, :-1].double(), -1)  # (b, n-1, vocab)
             got = lp.gather(-1, x[:, 1:, None])[..., 0]  # (b, n-1)
             for j, row in zip(idx, got):
                 out[echo[j]]["logprobs"] = [0.0] + row.tolist()
-        for idx in _by_length([prompts[i] for i in gen], batch):
+        for idx in _grouped([prompts[i] for i in gen], batch):
             rows = [gen[j] for j in idx]
             n = max(states[i]["request"]["max_tokens"] for i in rows)
             x = torch.tensor([prompts[i] for i in rows])
