@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.errors import FlexhelmError
+from runtime.errors import FlexhelmError, disk_full
 
 _CHUNK = 16 * 2**20
 ALIGN = 4096
@@ -230,9 +230,10 @@ class DiskIO:
             done = 0
             while done < len(buf):
                 done += os.pwrite(fd, buf[done:], offset + done)
-        except OSError as e:
-            raise OffloadError(f"cannot write {path}: {e.strerror}; free space or choose another --offload-dir") \
-                from None
+        except OSError as e:  # a full disk names the folder, the bytes this write needed and those free
+            full = disk_full(e, path.parent, len(buf) - done)
+            raise OffloadError(f"cannot write {path}: {full or e.strerror}; free space or choose another "
+                               "--offload-dir") from None
         os.posix_fadvise(fd, offset, len(buf), os.POSIX_FADV_DONTNEED)  # drops what is already written back
 
     def close(self) -> None:

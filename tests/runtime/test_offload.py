@@ -223,6 +223,30 @@ def test_disk_full_during_preparation_leaves_nothing_trusted(tiny_opt, tmp_path,
     assert len(list((tmp_path / "weights").iterdir())) == 1
 
 
+def test_disk_full_while_writing_the_kv_cache_is_named_and_the_engine_goes_on(tiny_opt, tmp_path, monkeypatch):
+    """ENOSPC mid-generation, writing the KV cache to disk: one error naming the file, the bytes it needed and the
+    space free; with room again the same engine generates what a fresh one does."""
+    import errno
+
+    path, _ = tiny_opt("pre", "bin")
+    engine = Engine(path, Policy(cache=Placement(0, 0)), offload_dir=tmp_path)
+    real = os.pwrite
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OffloadError, match=r"cannot write .*: no room to write in .* \(No space left on device: "
+                                           r"needed [\d,]+ bytes, [\d,]+ bytes free\)"):
+        engine.generate([[5, 6, 7, 8]], 4)
+    monkeypatch.setattr(os, "pwrite", real)
+    again = engine.generate([[5, 6, 7, 8]], 4).generations
+    engine.close()
+    fresh = Engine(path, Policy(cache=Placement(0, 0)), offload_dir=tmp_path)
+    assert again == fresh.generate([[5, 6, 7, 8]], 4).generations
+    fresh.close()
+
+
 def test_placement_choose_and_validation():
     p = Placement(0.3, 0.5)
     assert [p.choose(x) for x in (0.1, 0.5, 0.9)] == [Tier.DEVICE, Tier.HOST, Tier.DISK]
