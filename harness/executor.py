@@ -72,7 +72,7 @@ class LocalExecutor:
 
     def execute(self, job: ExecutionJob, states: list, cache: RequestCache,
                 on_batch: Callable[[BatchDone], None]) -> tuple[list, ExecutionReport]:
-        from harness.helm_client import _with_result
+        from harness.helm_client import with_result
 
         policy_json = job.policy.to_json()
         keys = [request_key(job.model_identity, policy_json, s.request) for s in states]
@@ -97,7 +97,7 @@ class LocalExecutor:
                     # failures are not cached: a rerun retries them (HELM's rule below then stops this run)
                     cache.add_batch([(keys[i], results[i]) for i in todo if results[i].success], calls)
                 for i in part:
-                    states[i] = _with_result(states[i], results[i])
+                    states[i] = with_result(states[i], results[i])
                 on_batch(BatchDone(len(part), sum(c["prompt_tokens"] for c in calls),
                                    sum(c["generated_tokens"] for c in calls), cached=not todo))
         finally:

@@ -169,13 +169,13 @@ class BatchExecutor(Executor):
                 part = indices[start:start + chunk]
                 results = backend.process([states[i].request for i in part])
                 for i, result in zip(part, results):
-                    states[i] = _with_result(states[i], result)
+                    states[i] = with_result(states[i], result)
             hlog(f"flexhelm: {len(indices)} requests to {name} in batches of up to {chunk}")
         return ScenarioState(adapter_spec=scenario_state.adapter_spec, request_states=states,
                              annotator_specs=scenario_state.annotator_specs)
 
 
-def _with_result(state: RequestState, result: RequestResult) -> RequestState:
+def with_result(state: RequestState, result: RequestResult) -> RequestState:
     """HELM's `Executor.process` rule for failures, applied to a result we already have."""
     if not result.success:
         if result.error_flags and not result.error_flags.is_fatal:

@@ -110,6 +110,7 @@ class SuiteRunner:
         _import_helm_classes(helm_specs.values())
         progress = SuiteProgress(len(suite.runs), self.progress_enabled)
         pending: list[Future] = []
+        self._reported = 0  # runs of `pending` whose summary line is out
         try:
             # one finisher: runs finish in order, each while the next one computes; it also adapts the next
             # scenario ahead of time (HELM's tokenization)
@@ -132,15 +133,13 @@ class SuiteRunner:
             self.executor.release()  # the last run's model: a suite leaves nothing loaded behind
         return [f.result() for f in pending]
 
-    @staticmethod
-    def _report(pending: list[Future], progress: SuiteProgress, wait: bool) -> None:
+    def _report(self, pending: list[Future], progress: SuiteProgress, wait: bool) -> None:
         """Summary lines of the runs finished since the last call, in suite order (main thread only)."""
-        for f in pending:
+        for f in pending[self._reported:]:
             if not (wait or f.done()):
                 return
-            if not getattr(f, "reported", False):
-                progress.end_run(_summary(f.result()))
-                f.reported = True
+            progress.end_run(_summary(f.result()))
+            self._reported += 1
 
     def run_dir(self, run: RunSpec) -> Path:
         return self.results_dir / run.suite / run.id

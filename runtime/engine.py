@@ -102,7 +102,7 @@ class Engine:
         generations = []
         for c in checkers:
             generations.append(Generation(c.ids, c.logprobs, c.reason or "length"))
-        emitted = sum(getattr(c, "emitted", len(c.ids)) for c in checkers)
+        emitted = sum(c.emitted for c in checkers)
         return GenerateResult(generations, self._stats(timer, sum(map(len, prompts)), emitted))
 
     def trace_logits(self, prompts: Sequence[Sequence[int]], forced: Sequence[Sequence[int]]) -> list[torch.Tensor]:

@@ -69,11 +69,14 @@ class StopChecker:
         self.ids: list[int] = []
         self.logprobs: list[float] = []
         self.reason: str | None = None
+        self.emitted = 0
+        """Tokens the model produced for this row, the stop sequence or EOS it ended on included."""
 
     def push(self, token: int, logprob: float) -> bool:
         """Append a token; True when the row has just finished."""
         self.ids.append(token)
         self.logprobs.append(logprob)
+        self.emitted += 1
         if token in self.eos:
             self._finish("eos", 1)
             return True
@@ -85,5 +88,4 @@ class StopChecker:
 
     def _finish(self, reason: str, drop: int) -> None:
         self.reason = reason
-        self.emitted = len(self.ids)
         del self.ids[-drop:], self.logprobs[-drop:]
