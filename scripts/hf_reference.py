@@ -75,6 +75,9 @@ def _answers(model, tok, states: list[dict], batch: int) -> list[dict]:
     gen = [i for i, s in enumerate(states) if s["request"]["max_tokens"] > 0]
     eos = model.generation_config.eos_token_id
     pad = eos[0] if isinstance(eos, list) else eos  # a finished row is padded with EOS: cut at the first below
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(states), desc="HF", unit="request", leave=False)
     with torch.no_grad():
         for idx in _grouped([prompts[i] for i in echo], batch):
             x = torch.tensor([prompts[echo[j]] for j in idx])  # (b, n)
@@ -82,6 +85,7 @@ def _answers(model, tok, states: list[dict], batch: int) -> list[dict]:
             got = lp.gather(-1, x[:, 1:, None])[..., 0]  # (b, n-1)
             for j, row in zip(idx, got):
                 out[echo[j]]["logprobs"] = [0.0] + row.tolist()
+            bar.update(len(idx))
         for idx in _grouped([prompts[i] for i in gen], batch):
             rows = [gen[j] for j in idx]
             n = max(states[i]["request"]["max_tokens"] for i in rows)
@@ -92,6 +96,8 @@ def _answers(model, tok, states: list[dict], batch: int) -> list[dict]:
                 ids = ids[:states[i]["request"]["max_tokens"]]
                 stop = next((k for k, t in enumerate(ids) if _is_eos(t, eos)), len(ids))
                 out[i]["ids"] = ids[:stop]
+            bar.update(len(idx))
+    bar.close()
     return out
 
 
