@@ -17,6 +17,7 @@ page faults).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -144,6 +145,10 @@ class WeightStore:
         self.device, self.compute_dtype, self.io, self.codec = device, compute_dtype, io, codec
         self.pin = pin and device.type == "cuda"
         self.depth = PREFETCH_DEPTH
+        self.fetch_s = 0.0
+        """Seconds spent in `fetch` so far (staging, converting, dequantizing), for benchmarks and calibration."""
+        self.wait_s = 0.0
+        """Of `fetch_s`, seconds blocked on reads not done yet (the disk behind the compute)."""
         self.layers: list[dict[str, _Stored]] = []
         self.lookups: list[set[str]] = []  # per layer, the tables fetched in their stored dtype
         shared: dict[tuple[str, ...], _Stored] = {}  # a tied head reuses the embedding's weight
@@ -257,9 +262,18 @@ class WeightStore:
     def fetch(self, index: int) -> dict[str, torch.Tensor]:
         """Layer `index`'s weights in the compute dtype on the device (matrices possibly as `CastWeight`s);
         valid until the next `fetch`."""
+        started = time.perf_counter()
         self.prefetch(index)
         pending, staged, _ = self._pending.pop(index, (Pending([]), {}, None))
+        blocked = time.perf_counter()
         pending.wait()
+        self.wait_s += time.perf_counter() - blocked
+        try:
+            return self._fetched(index, staged)
+        finally:
+            self.fetch_s += time.perf_counter() - started
+
+    def _fetched(self, index: int, staged: dict) -> dict[str, torch.Tensor]:
         out = {}
         for (key, s), nth in zip(self.layers[index].items(), _nth_of_shape(self.layers[index].values())):
             parts = staged.get(key, [s.tensor])  # a staged weight of several sources comes in parts (rows)

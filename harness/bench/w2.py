@@ -30,9 +30,9 @@ disk-resident weights it asked for (ours: its DiskIO counter; accelerate: offloa
 Roofline (roofline.py): per step max(compute at the measured GEMM peak, RAM traffic, (checkpoint bytes -
 budget) at the disk's rate serving the model's weights to the runtime's reader, measured before and after
 the timed runs, the better taken), summed over prefill and decode steps.
-Ours' time is split inside its worker by wrapping `WeightStore.fetch` and `Pending.wait` (the runtime is
-not changed): blocked on disk reads, the rest of fetch, compute (the rest; on the CPU it includes the
-fp16 -> fp32 casts, which `linear` does block by block).
+Ours' time is split by the weight store's own clocks (`WeightStore.fetch_s`, `wait_s`): blocked on disk
+reads, the rest of fetch, compute (the rest; on the CPU it includes the fp16 -> fp32 casts, which `linear`
+does block by block).
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ def load_ours(state: dict, path: Path, policy, offload_dir: str, prompts: w1.Ids
 
     if "engine" in state:
         state.pop("engine").close()
-    state.setdefault("clock", _IoClock())
     engine = Engine(path, policy, offload_dir=offload_dir)
     if engine.weights.nbytes > budget:
         raise RuntimeError(f"ours keeps {engine.weights.nbytes} bytes of weights in RAM, over the {budget} budget")
@@ -28,12 +27,12 @@ def load_ours(state: dict, path: Path, policy, offload_dir: str, prompts: w1.Ids
 
 
 def _run_ours(state: dict, rep: int, n: int):
-    engine, clock = state["engine"], state["clock"]
-    asked = engine.runner.io.bytes_read
-    clock.reset()
+    engine = state["engine"]
+    asked, fetch, wait = engine.runner.io.bytes_read, engine.weights.fetch_s, engine.weights.wait_s
     row, ids, peaks = w1.ours_generate(engine, state["prompts"], n, rep)
+    # the weight store's own clocks: seconds in fetching weights and, of those, blocked on disk reads
     return row, ids, {"peak_rss": peaks["host"], "requested": engine.runner.io.bytes_read - asked,
-                      "io_wait_s": clock.wait_s, "fetch_s": clock.fetch_s}
+                      "io_wait_s": engine.weights.wait_s - wait, "fetch_s": engine.weights.fetch_s - fetch}
 
 
 def load_accelerate(state: dict, path: Path, budget: int, offload_dir: Path, prompts: w1.Ids) -> dict[str, int]:
@@ -74,37 +73,6 @@ class _FirstToken:
         if self.at is None:
             self.at = time.perf_counter()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-class _IoClock:
-    """Seconds in `WeightStore.fetch` and, inside it, blocked in `Pending.wait` on disk reads (with the
-    cache and activations in RAM only weights are read). Wraps the two methods in this process only."""
-
-    def __init__(self) -> None:
-        from runtime.disk import Pending
-        from runtime.weights import WeightStore
-
-        self.reset()
-        fetch, wait = WeightStore.fetch, Pending.wait
-
-        def timed_fetch(store, index):
-            t0 = time.perf_counter()
-            try:
-                return fetch(store, index)
-            finally:
-                self.fetch_s += time.perf_counter() - t0
-
-        def timed_wait(pending):
-            t0 = time.perf_counter()
-            try:
-                return wait(pending)
-            finally:
-                self.wait_s += time.perf_counter() - t0
-
-        WeightStore.fetch, Pending.wait = timed_fetch, timed_wait
-
-    def reset(self) -> None:
-        self.fetch_s = self.wait_s = 0.0
 
 
 def accelerate_device_map(path: Path, budget: int) -> tuple[dict[str, str], int, int]:

@@ -247,6 +247,16 @@ def test_disk_full_while_writing_the_kv_cache_is_named_and_the_engine_goes_on(ti
     fresh.close()
 
 
+def test_weight_store_clocks_its_fetches(tiny_opt, tmp_path):
+    """The runtime's own timing of weight fetches (what benchmarks and calibration read, no monkeypatching)."""
+    path, _ = tiny_opt("pre", "bin")
+    engine = Engine(path, Policy(weights=Placement(0, 0)), offload_dir=tmp_path)
+    assert engine.weights.fetch_s == engine.weights.wait_s == 0.0
+    engine.generate([[5, 6, 7, 8]], 4)
+    assert 0.0 <= engine.weights.wait_s <= engine.weights.fetch_s and engine.weights.fetch_s > 0.0
+    engine.close()
+
+
 def test_placement_choose_and_validation():
     p = Placement(0.3, 0.5)
     assert [p.choose(x) for x in (0.1, 0.5, 0.9)] == [Tier.DEVICE, Tier.HOST, Tier.DISK]
