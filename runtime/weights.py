@@ -349,25 +349,6 @@ def _check_shapes(ckpt: Checkpoint, spec: WeightSpec) -> None:
                               "the weights and config.json do not belong together")
 
 
-def fit_fraction(path, budget: int, compress_weight=None) -> float:
-    """The largest of `weight_levels` whose resident bytes (the weights kept in memory whatever the
-    placement included) stay within `budget`, as `WeightStore` places them."""
-    from runtime.families import get_family
-
-    codec = WeightCodec(compress_weight, torch.device("cpu")) if compress_weight else None
-    ckpt = Checkpoint(path)
-    planned = layer_weights(ckpt, get_family(ckpt.spec.family).build_layers(ckpt.spec), codec)
-    ckpt.close()
-    ranks = layer_ranks([sizes for _, sizes, _ in planned])
-
-    def resident(f: float) -> int:
-        return sum(size for (specs, sizes, _), rank in zip(planned, ranks)
-                   for size, tier in zip(sizes, assign_tiers(specs, sizes, Placement(f, 0.0), Tier.DEVICE, rank))
-                   if tier != Tier.DISK)
-
-    return next((f for f in reversed(weight_levels(ckpt.spec, compress_weight)) if resident(f) <= budget), 0.0)
-
-
 def weight_levels(spec, compress_weight=None) -> list[float]:
     """The weight fractions the runtime realises exactly, as the cost model reads them (that share of every
     layer's bytes, over the model): with the boundaries b between the tensors of a decoder layer in its

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from harness.bench import models, report, roofline, w1, w2_engines
+from harness.bench.budget import fit_fraction
 from harness.bench.measure import OtherLoad, Row, alternate, median_ratio, median_row
 from harness.bench.offload_side import (
     SWEEP_TOKENS,
@@ -60,7 +61,6 @@ from harness.bench.offload_side import (
     sweep_policies,
 )
 from harness.bench.workloads import Workload
-from runtime.weights import fit_fraction
 
 _GiB = 2**30
 

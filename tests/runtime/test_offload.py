@@ -91,7 +91,8 @@ def test_cuts_between_tensors_split_the_layers_in_proportion():
 def test_fit_fraction_fills_the_budget(tiny_opt, tmp_path):
     """The fraction W2 and W3 run at keeps at most the budget resident, and the next level would not fit."""
     from harness.auto_policy import model_spec
-    from runtime.weights import fit_fraction, weight_levels
+    from harness.bench.budget import fit_fraction
+    from runtime.weights import weight_levels
 
     path, _ = tiny_opt("pre")
     levels = weight_levels(model_spec(path))
