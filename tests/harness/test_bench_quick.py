@@ -40,6 +40,20 @@ def test_unknown_workload_lists_known_names():
     assert set(WORKLOADS) == {"W1a", "W1b", "W1L", "W1c", "W2", "W2L", "W3", "W4", "W5", "quality"}
 
 
+def test_the_cli_names_every_workload_without_importing_the_benchmarks(capsys):
+    import subprocess
+    import sys
+
+    from harness.cli import build_parser, main
+
+    code = "import sys, harness.cli; sys.exit(any(m.startswith('harness.bench') for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    listed = build_parser().format_help()  # `flexhelm -h`: the bench command's line lists the workloads
+    assert all(name in listed for name in WORKLOADS), listed
+    assert main(["bench", "W9"]) == 2 and "unknown benchmark 'W9'; known: " in capsys.readouterr().err
+    assert main(["bench", "W4", "--setup", "W3"]) == 2 and "W4's setups are W1c, W2" in capsys.readouterr().err
+
+
 def test_w4_measures_one_setup_alone(tmp_path, monkeypatch, capsys):
     """`flexhelm bench W4 --setup W2`: one half of W4 (each takes 40-50 minutes on 2 cores), its own CSV."""
     monkeypatch.setenv("FLEXHELM_CACHE", str(tmp_path / "cache"))
