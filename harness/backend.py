@@ -294,14 +294,9 @@ def policy_from(value, model_dir: str | os.PathLike | None = None):
             raise PolicyError("the auto policy is planned for a model: pass its folder")
         return auto_policy.plan_for_helm(model_dir)
     if isinstance(value, (str, os.PathLike)):
-        text = str(value)
-        path = Path(text).expanduser()
-        if not text.lstrip().startswith("{") and path.is_file():
-            text = path.read_text()
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PolicyError(f"policy {text[:80]!r} is neither a JSON object nor a readable JSON file ({e})") from None
+        from harness.policies import read_policy_json
+
+        value = read_policy_json(str(value))
     if not isinstance(value, dict):
         raise PolicyError(f"a policy must be a JSON object of runtime.Policy fields, got {value!r}")
     return Policy.from_json(value)

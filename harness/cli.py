@@ -16,6 +16,7 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 def _policy(args: argparse.Namespace, prompt_lens: list[int] | None = None):
     """The Policy from --policy (file or inline JSON, or `auto`: planned), then --percent and the single flags
     on top. Without --policy and --percent: `$FLEXHELM_DEFAULT_POLICY`, by default `auto`."""
+    from harness.policies import read_policy_json
     from runtime.errors import PolicyError
     from runtime.policy import Placement, Policy
 
@@ -24,13 +25,7 @@ def _policy(args: argparse.Namespace, prompt_lens: list[int] | None = None):
     if given == auto_policy.AUTO:
         return _auto_policy(args, prompt_lens or [1])
     if given:
-        text = Path(given).read_text() if Path(given).is_file() else given
-        try:
-            fields = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PolicyError(f"--policy is neither a readable file nor valid JSON ({e})") from None
-        if not isinstance(fields, dict):
-            raise PolicyError("--policy must be a JSON object of Policy fields")
+        fields = read_policy_json(given, "--policy")
     if args.percent:
         wg, wc, cg, cc, hg, hc = (p / 100 for p in args.percent)
         fields.update(weights=Placement(wg, wc), cache=Placement(cg, cc), activations=Placement(hg, hc))

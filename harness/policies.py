@@ -41,6 +41,24 @@ class ResolvedPolicy:
         return cls(Policy.from_json(data["policy"]), data["requested"], data["source"], data.get("prediction"))
 
 
+def read_policy_json(text: str, what: str = "policy") -> dict:
+    """Policy fields from inline JSON or the path of a JSON file (the one reader of `--policy`,
+    `$FLEXHELM_POLICY` and the HELM backend's policies); a `PolicyError` naming `what` otherwise."""
+    import json
+    from pathlib import Path
+
+    path = Path(text).expanduser()
+    if not text.lstrip().startswith("{") and path.is_file():
+        text = path.read_text()
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PolicyError(f"{what} {text[:80]!r} is neither a JSON object nor a readable JSON file ({e})") from None
+    if not isinstance(fields, dict):
+        raise PolicyError(f"{what} must be a JSON object of runtime.Policy fields, got {fields!r}")
+    return fields
+
+
 def policy_fields(variant, batch_size: int | None) -> dict:
     """The Policy fields of `variant` at `batch_size` (None: the policy's own block), checked by the runtime."""
     from runtime.policy import Policy, QuantConfig
