@@ -29,7 +29,7 @@ Every error names the file, the line and the field, and all of them are reported
 A run's id (`<model>--<scenario>--<variant>--b<batch>`) depends on names only, so it stays the same when
 other entries are added; its `key` hashes everything that changes its results, so an edited entry reruns.
 Importing this module stays light (no HELM, no torch): scenario entries are checked against HELM by
-`harness.runner.check_scenarios`.
+`harness.runner.helm_run_specs`.
 """
 
 from __future__ import annotations
