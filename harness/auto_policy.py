@@ -168,10 +168,15 @@ def plan_for_helm(model_dir) -> object:
     leaves room for the KV cache of any request the model accepts."""
     key = str(Path(model_dir).expanduser().resolve())
     if key not in _HELM_PLANS:
-        spec = model_spec(key)
-        gen = min(HELM_GEN_LEN, spec.max_positions // 2)
-        _HELM_PLANS[key] = plan(key, spec.max_positions - gen, gen).policy
+        _HELM_PLANS[key] = plan(key, *longest_request(model_spec(key))).policy
     return _HELM_PLANS[key]
+
+
+def longest_request(spec) -> tuple[int, int]:
+    """(prompt tokens, generated tokens) of the longest request a model accepts, as planned when the requests
+    are not known: `HELM_GEN_LEN` generated, the rest of the positions prompt."""
+    gen = min(HELM_GEN_LEN, spec.max_positions // 2)
+    return spec.max_positions - gen, gen
 
 
 HELM_GEN_LEN = 64

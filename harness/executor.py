@@ -2,9 +2,9 @@
 
 The runner hands an executor an `ExecutionJob` (what to load: model folder, policy, batch size) rather than a
 loaded backend, so that an executor may run batches in another process or on another machine and load the
-model there. `LocalExecutor` runs them in this process and holds one loaded model at a time. Either way, each batch's results go into the run's
-`RequestCache` as it finishes (on disk when `execute` returns), and requests whose results are cached are
-never sent again.
+model there. `LocalExecutor` runs them in this process and holds one loaded model at a time. Either way, each
+batch's results go into the run's `RequestCache` as it finishes (on disk when `execute` returns), and requests
+whose results are cached are never sent again.
 """
 
 from __future__ import annotations

@@ -146,10 +146,8 @@ def _plan_auto(run, fields: dict, requests: list | None) -> ResolvedPolicy:
         return ResolvedPolicy(base, "auto", "auto: default placement ($FLEXHELM_DEFAULT_POLICY)")
     started = time.perf_counter()
     workload = run_workload(run.model.path, requests) if requests else None
-    if workload is None:  # provision the longest request the model accepts (`auto_policy.plan_for_helm`'s)
-        spec = auto_policy.model_spec(run.model.path)
-        gen = min(auto_policy.HELM_GEN_LEN, spec.max_positions // 2)
-        workload = Workload(spec.max_positions - gen, gen)
+    if workload is None:  # provision the longest request the model accepts (as `auto_policy.plan_for_helm`)
+        workload = Workload(*auto_policy.longest_request(auto_policy.model_spec(run.model.path)))
     prompt_len, gen = workload.prompt_len, workload.gen_len
     plans, error = [], None
     for g in [g for g in range(1, base.block_size + 1) if base.block_size % g == 0]:  # the batch is the run's

@@ -456,3 +456,46 @@ variants:
     assert len(alive_at_load) == 12 and set(alive_at_load) == {0}  # each run's model replaced the last one
     assert all(r() is None for r in backends)  # and the suite's end let the last one go
     assert threading.active_count() == threads and len(os.listdir("/proc/self/fd")) == fds
+
+
+@pytest.mark.slow
+def test_a_hundred_runs_keep_rss_flat(tmp_path, tiny_opt, monkeypatch, capsys):
+    """Issue 20's long-suite figure: 108 short real runs (9 scenarios x 4 variants x 3 batch sizes on the tiny
+    model); the RSS before run 100 is within 10% of the RSS before run 10, threads and open files do not grow.
+    `pytest -m slow -k hundred -s` prints the figures."""
+    import threading
+
+    folder, _ = tiny_opt()
+    monkeypatch.setenv("FLEXHELM_CACHE", str(tmp_path / "cache"))
+    scenarios = "".join(f"""\
+  - run: synthetic:num_prompts=4,prompt_len={n},output_len=3
+    name: synthetic-{n}
+""" for n in (4, 6, 8, 10, 12, 14, 16)) + """\
+  - run: lambada:method=greedy
+    name: lambada
+    max_instances: 3
+  - run: wikitext
+    max_instances: 1
+"""
+    variants = "".join(f"""\
+  - name: {name}
+    compress: {compress}
+    batch_sizes: [1, 2, 4]
+""" for name, compress in (("fp16", "off"), ("w4", "weights"), ("c4", "cache"), ("w4c4", "both")))
+    path = tmp_path / "long.yaml"
+    path.write_text(suite_text("long", folder, f"scenarios:\n{scenarios}variants:\n{variants}"))
+    samples: list[tuple[int, int, int]] = []  # before each run: RSS bytes, threads, open files
+
+    class Sampling(LocalExecutor):
+        def execute(self, job, states, cache, on_batch):
+            rss = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
+            samples.append((rss, threading.active_count(), len(os.listdir("/proc/self/fd"))))
+            return super().execute(job, states, cache, on_batch)
+
+    outcomes = SuiteRunner(tmp_path / "r", Sampling(), progress=False).run(load_suite(path))
+    assert [o.status for o in outcomes] == ["done"] * 108
+    (rss10, threads10, fds10), (rss100, threads100, fds100) = samples[9], samples[99]
+    with capsys.disabled():
+        print(f"\nRSS before run 10: {rss10 / 2**20:.1f} MiB, before run 100: {rss100 / 2**20:.1f} MiB "
+              f"({rss100 / rss10 - 1:+.1%}); threads {threads10} -> {threads100}; open files {fds10} -> {fds100}")
+    assert rss100 <= 1.1 * rss10 and threads100 <= threads10 and fds100 <= fds10
