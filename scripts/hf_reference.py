@@ -40,6 +40,16 @@ def _stat(run_dir: Path, name: str) -> float | None:
     return None
 
 
+def _per_instance(run_dir: Path, name: str) -> dict[str, float]:
+    """instance id -> the run's per-instance value of stat `name` (unperturbed)."""
+    out = {}
+    for p in json.loads((run_dir / "per_instance_stats.json").read_text()):
+        for st in p["stats"]:
+            if st["name"]["name"] == name and "perturbation" not in st["name"]:
+                out[p["instance_id"]] = st["mean"]
+    return out
+
+
 @functools.lru_cache(maxsize=2)
 def _model(folder: str, bits: int | None, group: int | None):
     """HF's model (fp32) of `folder`; with `bits`, every matrix the runtime compresses (decoder linears; not the
@@ -59,6 +69,29 @@ def _model(folder: str, bits: int | None, group: int | None):
                     w = module.weight  # (out, in): groups along the input axis, as the runtime's
                     w.copy_(dequantize(quantize(w, QuantConfig(bits=bits, group_size=group))).view_as(w))
     return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _teacher_forced_hits(model, tok, states: list[dict], batch: int) -> list[bool]:
+    """LAMBADA as lm-evaluation-harness checks it: the prompt (with the tokens the backend puts first) and
+    " " + target tokenized apart, fed once; a hit iff every target token is the argmax at its position."""
+    import torch
+
+    from harness.backend import default_prefix
+
+    prefix = default_prefix(tok)
+    ctxs = [prefix + tok(s["request"]["prompt"], add_special_tokens=False)["input_ids"] for s in states]
+    tgts = [tok(" " + s["instance"]["references"][0]["output"]["text"], add_special_tokens=False)["input_ids"]
+            for s in states]
+    seqs = [c + t for c, t in zip(ctxs, tgts)]
+    hits = [False] * len(states)
+    with torch.no_grad():
+        for idx in _grouped(seqs, batch):
+            x = torch.tensor([seqs[i][:-1] for i in idx])  # (b, n - 1): the last target token is never an input
+            best = model(input_ids=x).logits.argmax(-1)  # (b, n - 1)
+            for row, i in enumerate(idx):
+                n = len(ctxs[i])
+                hits[i] = best[row, n - 1:].tolist() == tgts[i]
+    return hits
 
 
 def _answers(model, tok, states: list[dict], batch: int) -> list[dict]:
@@ -116,7 +149,6 @@ _ANSWERS: dict[tuple, list[dict]] = {}
 
 def compare_run(run_dir: Path, batch: int = 16) -> dict:
     """The run's figures from HF's answers beside the harness's, and the agreement of the answers."""
-    from harness.token_text import TokenTexts
     from scenarios.lambada_metrics import covering_suffix
     from scenarios.wikitext_metrics import count_words
 
@@ -128,29 +160,20 @@ def compare_run(run_dir: Path, batch: int = 16) -> dict:
     state = json.loads((run_dir / "scenario_state.json").read_text())
     states = [s for s in state["request_states"] if s.get("result", {}).get("success")]
     started = time.perf_counter()
-    # a cache variant asks the same requests of the same weights as its uncompressed twin: answered once
-    key = (spec["model"]["path"], weights and (variant["bits"], variant["group_size"]), scenario,
-           tuple(s["request"]["prompt"] for s in states))
-    answers = _ANSWERS.get(key) or _ANSWERS.setdefault(key, _answers(model, tok, states, batch))
-    texts = TokenTexts(tok)
     hf_row: dict[str, float] = {}
     agree, max_diff = 0, 0.0
     if scenario.startswith("lambada") and "greedy" in scenario:
-        hits = []
-        for s, a in zip(states, answers):
-            ours = s["result"]["completions"][0]["tokens"]
-            theirs = [texts.token_bytes(t) for t in a["ids"]]
-            agree += b"".join(_token_bytes(t) for t in ours) == b"".join(theirs)
-            # the metric's rule (spells_at_token_boundary) on HF's tokens: the shortest prefix covering the word
-            goal = (" " + s["instance"]["references"][0]["output"]["text"]).encode()
-            have = b""
-            for piece in theirs:
-                have += piece
-                if len(have) >= len(goal):
-                    break
-            hits.append(float(have == goal))
+        # independent of how the harness generates: lm-eval's teacher-forced check, passage by passage
+        key = (spec["model"]["path"], weights and (variant["bits"], variant["group_size"]), scenario)
+        hits = _ANSWERS.get(key) or _ANSWERS.setdefault(key, _teacher_forced_hits(model, tok, states, batch))
+        ours = _per_instance(run_dir, "lambada_accuracy")
+        agree = sum(ours.get(s["instance"]["id"]) == float(h) for s, h in zip(states, hits))
         hf_row["lambada_accuracy"] = sum(hits) / len(hits)
     else:
+        # a cache variant asks the same requests of the same weights as its uncompressed twin: answered once
+        key = (spec["model"]["path"], weights and (variant["bits"], variant["group_size"]), scenario,
+               tuple(s["request"]["prompt"] for s in states))
+        answers = _ANSWERS.get(key) or _ANSWERS.setdefault(key, _answers(model, tok, states, batch))
         ll_by_doc: dict[str, float] = {}
         words: dict[str, int] = {}
         tokens = bytes_ = 0
