@@ -147,8 +147,10 @@ def _correct_letter(state: dict) -> str | None:
 _ANSWERS: dict[tuple, list[dict]] = {}
 
 
-def compare_run(run_dir: Path, batch: int = 16) -> dict:
-    """The run's figures from HF's answers beside the harness's, and the agreement of the answers."""
+def compare_run(run_dir: Path, batch: int = 16, every: int = 1) -> dict:
+    """The run's figures from HF's answers beside the harness's, and the agreement of the answers; with `every`
+    > 1, LAMBADA is compared on every `every`-th passage (the harness's figure over the same passages, from its
+    per-instance stats)."""
     from scenarios.lambada_metrics import covering_suffix
     from scenarios.wikitext_metrics import count_words
 
@@ -159,6 +161,9 @@ def compare_run(run_dir: Path, batch: int = 16) -> dict:
                         variant["group_size"] if weights else None)
     state = json.loads((run_dir / "scenario_state.json").read_text())
     states = [s for s in state["request_states"] if s.get("result", {}).get("success")]
+    sampled = every > 1 and scenario.startswith("lambada")
+    if sampled:
+        states = states[::every]
     started = time.perf_counter()
     hf_row: dict[str, float] = {}
     agree, max_diff = 0, 0.0
@@ -214,11 +219,18 @@ def compare_run(run_dir: Path, batch: int = 16) -> dict:
                 matches.append(float(text.strip() == _correct_letter(s)))
             hf_row["exact_match"] = sum(matches) / len(matches)
     rows = {}
+    ids = [s["instance"]["id"] for s in states]
     for name, theirs in hf_row.items():
         ours = _stat(run_dir, name)
+        if sampled:  # the harness's figure over the same passages
+            stat = "target_logprob" if name == "target_perplexity" else name
+            values = _per_instance(run_dir, stat)
+            ours = sum(values[i] for i in ids) / len(ids)
+            ours = math.exp(-ours) if name == "target_perplexity" else ours
         rows[name] = {"ours": ours, "hf": theirs,
                       "rel_diff": None if ours is None else abs(ours - theirs) / max(abs(theirs), 1e-12)}
-    return {"run": run_dir.name, "requests": len(states), "agree": agree, "max_logprob_diff": max_diff,
+    return {"run": run_dir.name, "requests": len(states), "every": every if sampled else 1, "agree": agree,
+            "max_logprob_diff": max_diff,
             "hf_seconds": round(time.perf_counter() - started, 1), "figures": rows}
 
 
@@ -239,13 +251,14 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, help="write the comparison as JSON (default: SUITE_DIR/hf_reference.json)")
     ap.add_argument("--runs", default="*", help="glob of run folder names (default: all finished runs)")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--every", type=int, default=1, help="compare LAMBADA on every N-th passage (default: all)")
     args = ap.parse_args(argv)
     out = args.out or args.suite_dir / "hf_reference.json"
     done = json.loads(out.read_text()) if out.is_file() else {}
     for run_dir in sorted(args.suite_dir.glob(args.runs)):
         if not (run_dir / "done.json").is_file() or run_dir.name in done:
             continue
-        result = compare_run(run_dir, args.batch)
+        result = compare_run(run_dir, args.batch, args.every)
         done[run_dir.name] = result
         out.write_text(json.dumps(done, indent=2) + "\n")  # one run at a time: an interrupted check resumes
         for name, row in result["figures"].items():
