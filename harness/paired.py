@@ -34,7 +34,7 @@ class Form:
 FORMS = {
     "lambada_accuracy": Form("lambada_accuracy"), "exact_match": Form("exact_match"),
     "quasi_exact_match": Form("quasi_exact_match"), "f1_score": Form("f1_score"), "rouge_2": Form("rouge_2"),
-    "target_perplexity": Form("target_logprob", None, "exp_neg"),
+    "target_logprob": Form("target_logprob"), "target_perplexity": Form("target_logprob", None, "exp_neg"),
     "perplexity": Form("logprob", "num_perplexity_tokens", "exp_neg"),
     "bits_per_byte": Form("logprob", "num_bytes", "neg_log2"),
     # per document: word_perplexity = exp(-logprob / num_words), so logprob = -num_words * ln(word_perplexity)
@@ -75,6 +75,14 @@ def instance_terms(run_dir: Path, metric: str) -> dict[tuple[str, int], tuple[fl
         out[(key, seen[key])] = (_mean(stats[form.numerator]),
                                  _mean(stats[form.denominator]) if form.denominator else 1.0)
     return out
+
+
+def value_over(run_dir: Path, metric: str, instance_ids: list[str]) -> float:
+    """`metric` of the run over the instances `instance_ids` alone (the first entry of each): its figure on a
+    sample of its instances."""
+    terms = instance_terms(run_dir, metric)
+    num, den = (sum(terms[(i, 0)][k] for i in instance_ids) for k in (0, 1))
+    return float(_finish(metric, num / den))
 
 
 def standard_error(run_dir: Path, metric: str) -> float:

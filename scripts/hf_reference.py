@@ -29,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reference_eval import _grouped  # noqa: E402  (equal-length batches: no padding, nothing rests on masks)
+# equal-length batches (no padding, nothing rests on masks) and per-token log-probs with their argmax hits
+from reference_eval import _grouped, token_logprobs  # noqa: E402
 
 
 def _stat(run_dir: Path, name: str) -> float | None:
@@ -38,16 +39,6 @@ def _stat(run_dir: Path, name: str) -> float | None:
         if n["name"] == name and n.get("split") == "test" and "perturbation" not in n and s.get("count", 0) > 0:
             return s["mean"]
     return None
-
-
-def _per_instance(run_dir: Path, name: str) -> dict[str, float]:
-    """instance id -> the run's per-instance value of stat `name` (unperturbed)."""
-    out = {}
-    for p in json.loads((run_dir / "per_instance_stats.json").read_text()):
-        for st in p["stats"]:
-            if st["name"]["name"] == name and "perturbation" not in st["name"]:
-                out[p["instance_id"]] = st["mean"]
-    return out
 
 
 @functools.lru_cache(maxsize=2)
@@ -71,27 +62,22 @@ def _model(folder: str, bits: int | None, group: int | None):
     return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def _teacher_forced_hits(model, tok, states: list[dict], batch: int) -> list[bool]:
-    """LAMBADA as lm-evaluation-harness checks it: the prompt (with the tokens the backend puts first) and
-    " " + target tokenized apart, fed once; a hit iff every target token is the argmax at its position."""
-    import torch
-
+def _prompt_ids(tok, states: list[dict]) -> list[list[int]]:
+    """Each request's prompt as the backend tokenizes it: the tokens the tokenizer puts first, then the text."""
     from harness.backend import default_prefix
 
     prefix = default_prefix(tok)
-    ctxs = [prefix + tok(s["request"]["prompt"], add_special_tokens=False)["input_ids"] for s in states]
+    return [prefix + tok(s["request"]["prompt"], add_special_tokens=False)["input_ids"] for s in states]
+
+
+def _teacher_forced_hits(model, tok, states: list[dict], batch: int) -> list[bool]:
+    """LAMBADA as lm-evaluation-harness checks it: the prompt (with the tokens the backend puts first) and
+    " " + target tokenized apart, fed once; a hit iff every target token is the argmax at its position."""
+    ctxs = _prompt_ids(tok, states)
     tgts = [tok(" " + s["instance"]["references"][0]["output"]["text"], add_special_tokens=False)["input_ids"]
             for s in states]
-    seqs = [c + t for c, t in zip(ctxs, tgts)]
-    hits = [False] * len(states)
-    with torch.no_grad():
-        for idx in _grouped(seqs, batch):
-            x = torch.tensor([seqs[i][:-1] for i in idx])  # (b, n - 1): the last target token is never an input
-            best = model(input_ids=x).logits.argmax(-1)  # (b, n - 1)
-            for row, i in enumerate(idx):
-                n = len(ctxs[i])
-                hits[i] = best[row, n - 1:].tolist() == tgts[i]
-    return hits
+    scored = token_logprobs(model, [c + t for c, t in zip(ctxs, tgts)], batch)
+    return [bool(hit[len(c) - 1:].all()) for c, (_, hit) in zip(ctxs, scored)]
 
 
 def _answers(model, tok, states: list[dict], batch: int) -> list[dict]:
@@ -99,10 +85,7 @@ def _answers(model, tok, states: list[dict], batch: int) -> list[dict]:
     the greedy token `ids` (generation)."""
     import torch
 
-    from harness.backend import default_prefix
-
-    prefix = default_prefix(tok)
-    prompts = [prefix + tok(s["request"]["prompt"], add_special_tokens=False)["input_ids"] for s in states]
+    prompts = _prompt_ids(tok, states)
     out: list[dict] = [{} for _ in states]
     echo = [i for i, s in enumerate(states) if s["request"]["max_tokens"] == 0]
     gen = [i for i, s in enumerate(states) if s["request"]["max_tokens"] > 0]
@@ -110,15 +93,10 @@ def _answers(model, tok, states: list[dict], batch: int) -> list[dict]:
     pad = eos[0] if isinstance(eos, list) else eos  # a finished row is padded with EOS: cut at the first below
     from tqdm import tqdm
 
-    bar = tqdm(total=len(states), desc="HF", unit="request", leave=False)
+    for i, (got, _) in zip(echo, token_logprobs(model, [prompts[i] for i in echo], batch)):
+        out[i]["logprobs"] = [0.0] + got.tolist()
+    bar = tqdm(total=len(gen), desc="HF generate", unit="request", leave=False)
     with torch.no_grad():
-        for idx in _grouped([prompts[i] for i in echo], batch):
-            x = torch.tensor([prompts[echo[j]] for j in idx])  # (b, n)
-            lp = torch.log_softmax(model(input_ids=x).logits[:, :-1].double(), -1)  # (b, n-1, vocab)
-            got = lp.gather(-1, x[:, 1:, None])[..., 0]  # (b, n-1)
-            for j, row in zip(idx, got):
-                out[echo[j]]["logprobs"] = [0.0] + row.tolist()
-            bar.update(len(idx))
         for idx in _grouped([prompts[i] for i in gen], batch):
             rows = [gen[j] for j in idx]
             n = max(states[i]["request"]["max_tokens"] for i in rows)
@@ -151,6 +129,7 @@ def compare_run(run_dir: Path, batch: int = 16, every: int = 1) -> dict:
     """The run's figures from HF's answers beside the harness's, and the agreement of the answers; with `every`
     > 1, LAMBADA is compared on every `every`-th passage (the harness's figure over the same passages, from its
     per-instance stats)."""
+    from harness.paired import instance_terms, value_over
     from scenarios.lambada_metrics import covering_suffix
     from scenarios.wikitext_metrics import count_words
 
@@ -171,8 +150,8 @@ def compare_run(run_dir: Path, batch: int = 16, every: int = 1) -> dict:
         # independent of how the harness generates: lm-eval's teacher-forced check, passage by passage
         key = (spec["model"]["path"], weights and (variant["bits"], variant["group_size"]), scenario)
         hits = _ANSWERS.get(key) or _ANSWERS.setdefault(key, _teacher_forced_hits(model, tok, states, batch))
-        ours = _per_instance(run_dir, "lambada_accuracy")
-        agree = sum(ours.get(s["instance"]["id"]) == float(h) for s, h in zip(states, hits))
+        ours = instance_terms(run_dir, "lambada_accuracy")  # (id, 0) -> (hit, 1)
+        agree = sum(ours.get((s["instance"]["id"], 0), (None,))[0] == float(h) for s, h in zip(states, hits))
         hf_row["lambada_accuracy"] = sum(hits) / len(hits)
     else:
         # a cache variant asks the same requests of the same weights as its uncompressed twin: answered once
@@ -223,10 +202,7 @@ def compare_run(run_dir: Path, batch: int = 16, every: int = 1) -> dict:
     for name, theirs in hf_row.items():
         ours = _stat(run_dir, name)
         if sampled:  # the harness's figure over the same passages
-            stat = "target_logprob" if name == "target_perplexity" else name
-            values = _per_instance(run_dir, stat)
-            ours = sum(values[i] for i in ids) / len(ids)
-            ours = math.exp(-ours) if name == "target_perplexity" else ours
+            ours = value_over(run_dir, name, ids)
         rows[name] = {"ours": ours, "hf": theirs,
                       "rel_diff": None if ours is None else abs(ours - theirs) / max(abs(theirs), 1e-12)}
     return {"run": run_dir.name, "requests": len(states), "every": every if sampled else 1, "agree": agree,
