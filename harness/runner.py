@@ -163,6 +163,10 @@ class SuiteRunner:
         log = RunLog(run_dir / "run.log", run.id)
         started = time.perf_counter()
 
+        def end() -> None:
+            log.close()
+            lock.release()
+
         def guarded(step: Callable[[], object], last: bool) -> object:
             RunLog.current.run = run.id
             try:
@@ -172,18 +176,15 @@ class SuiteRunner:
                 return RunOutcome(run.id, "failed", time.perf_counter() - started, error=f"{type(e).__name__}: {e}")
             finally:
                 if last:
-                    log.close()
-                    lock.release()
+                    end()
 
+        finish = None
         try:
             finish = guarded(lambda: self.run_one(run, helm_spec, progress), last=False)
-        except BaseException:  # interrupted (Ctrl-C, SIGTERM): the batches done are in the request cache
-            log.close()
-            lock.release()
-            raise
+        finally:  # failed, or interrupted (Ctrl-C, SIGTERM; the batches done are in the request cache): ends here
+            if isinstance(finish, RunOutcome) or finish is None:
+                end()
         if isinstance(finish, RunOutcome):
-            log.close()
-            lock.release()
             return _resolved(finish)
         done = lambda: RunOutcome(run.id, "done", time.perf_counter() - started, finish())  # noqa: E731
         return finisher.submit(guarded, done, True)
