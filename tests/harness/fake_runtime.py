@@ -73,3 +73,54 @@ class _FakeBackend:
 def suite_text(name: str, model, rest: str) -> str:
     """A suite file on one model named `tiny` at `model`: lines 1-4, then `rest` (scenarios, variants)."""
     return f"suite: {name}\nmodels:\n  - name: tiny\n    path: {model}\n" + rest
+
+
+SAME_FILES = ("scenario_state.json", "stats.json", "per_instance_stats.json", "runtime.json", "policy.json",
+              "run_spec.json")
+"""Run files that two runs of one suite write identically (timings and memory of the fake are constants)."""
+SCENARIOS_VARIANTS = """\
+scenarios:
+  - run: lambada:method=greedy
+    name: lambada
+    max_instances: 10
+  - run: wikitext
+    max_instances: 1
+  - run: synthetic:num_prompts=6,prompt_len=16,output_len=4
+    name: synthetic
+    batch_sizes: [2, 4]
+variants:
+  - name: fp16
+    batch_sizes: [3]
+  - name: 4bit
+    compress: weights
+    batch_sizes: [3]
+"""
+
+
+def run_suite(path, results, runtime: FakeRuntime):
+    """The outcomes of running the suite file at `path` into `results` on `runtime`."""
+    from harness.executor import LocalExecutor
+    from harness.runner import SuiteRunner
+    from harness.suite import load_suite
+
+    runner = SuiteRunner(results, LocalExecutor(runtime), progress=False)
+    return runner.run(load_suite(path))
+
+
+def same_as(clean_dir, other_dir) -> None:
+    """Every run folder of `clean_dir` has the same `SAME_FILES` in `other_dir`."""
+    for run_dir in sorted(clean_dir.glob("tiny--*")):
+        for name in SAME_FILES:
+            assert (other_dir / run_dir.name / name).read_text() == (run_dir / name).read_text(), run_dir.name
+
+
+def duplicate_keys(suite_dir) -> list[str]:
+    """Request keys written more than once into a run's cache (a request computed twice)."""
+    dupes = []
+    for path in suite_dir.glob("*/requests.jsonl"):
+        seen: set[str] = set()
+        for line in path.read_text().splitlines():
+            keys = set(json.loads(line)["results"])
+            dupes += sorted(seen & keys)
+            seen |= keys
+    return dupes
