@@ -209,16 +209,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
     plan_cli.add_parsers(sub)
     suite_cli.add_commands(sub)
+    e = sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness's command line with the `flexhelm` "
+                       "model and the shipped local tasks (see `flexhelm lm-eval --help`)")
+    e.set_defaults(func=None)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv) if argv[:1] != ["lm-eval"] else None
     from runtime.errors import FlexhelmError
 
     try:
+        if args is None:  # lm-eval's own arguments, passed through unparsed
+            from harness.lmeval.cli import main as lm_eval_main
+
+            return lm_eval_main(argv[1:])
         return args.func(args)
     except FlexhelmError as e:
         print(f"flexhelm: error: {e}", file=sys.stderr)

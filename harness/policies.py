@@ -122,7 +122,9 @@ def resolve_policy(run, requests: list | None = None) -> ResolvedPolicy:
     fields = policy_fields(variant, run.batch_size)
     if variant.policy != "auto":
         return ResolvedPolicy(Policy.from_json(fields), variant.policy, "explicit")
-    return _plan_auto(run, fields, requests)
+    started = time.perf_counter()
+    workload = run_workload(run.model.path, requests) if requests else None
+    return plan_auto(run.model.path, fields, run.variant.memory, workload, started)
 
 
 def pick_plan(plans: list):
@@ -133,28 +135,29 @@ def pick_plan(plans: list):
     return max((p for p in plans if p.prediction.throughput >= 0.9 * best), key=lambda p: p.policy.gpu_batch_size)
 
 
-def _plan_auto(run, fields: dict, requests: list | None) -> ResolvedPolicy:
-    """`policy: auto`: the planner picks placement, weight format and the shape of the run's block (the batch
-    stays the run's) within `run.variant.memory`, for the run's longest request. Planning LAMBADA's
-    ~100-token passages as if they filled SmolLM2's 8192 positions cost 8 micro-batches of 4 and 3x the time.
-    `$FLEXHELM_DEFAULT_POLICY` other than `auto` (the test suite's `{}`) keeps the default placement instead."""
+def plan_auto(model_path: str, fields: dict, memory: dict, workload: Workload | None,
+              started: float | None = None) -> ResolvedPolicy:
+    """`policy: auto`: the planner picks placement, weight format and the shape of the block (its size stays
+    `fields`' block) within the `memory` limits (`auto_policy.Limits` fields), for `workload`, the longest
+    request (None: the longest the model accepts). Planning LAMBADA's ~100-token passages as if they filled
+    SmolLM2's 8192 positions cost 8 micro-batches of 4 and 3x the time. `$FLEXHELM_DEFAULT_POLICY` other than
+    `auto` (the test suite's `{}`) keeps the default placement instead. Used by suite runs and lm-eval."""
     from harness import auto_policy
     from runtime.policy import Policy
 
+    started = time.perf_counter() if started is None else started
     base = Policy.from_json(fields)
     if auto_policy.default_policy_text() != auto_policy.AUTO:
         return ResolvedPolicy(base, "auto", "auto: default placement ($FLEXHELM_DEFAULT_POLICY)")
-    started = time.perf_counter()
-    workload = run_workload(run.model.path, requests) if requests else None
     if workload is None:  # provision the longest request the model accepts (as `auto_policy.plan_for_helm`)
-        workload = Workload(*auto_policy.longest_request(auto_policy.model_spec(run.model.path)))
+        workload = Workload(*auto_policy.longest_request(auto_policy.model_spec(model_path)))
     prompt_len, gen = workload.prompt_len, workload.gen_len
     plans, error = [], None
-    for g in [g for g in range(1, base.block_size + 1) if base.block_size % g == 0]:  # the batch is the run's
+    for g in [g for g in range(1, base.block_size + 1) if base.block_size % g == 0]:  # the block size is given
         try:
             plans.append(auto_policy.plan(
-                run.model.path, prompt_len, gen, num_seqs=base.block_size, base=base,
-                limits=auto_policy.Limits(**run.variant.memory), batch_sizes=[g],
+                model_path, prompt_len, gen, num_seqs=base.block_size, base=base,
+                limits=auto_policy.Limits(**memory), batch_sizes=[g],
                 num_batches=[base.block_size // g], compress=[(base.compress_weight, base.compress_cache)]))
         except PolicyError as e:  # this shape does not fit: another may
             error = e

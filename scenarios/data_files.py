@@ -51,3 +51,28 @@ def read_jsonl_field(path: Path, field: str) -> list[str]:
                 raise ScenarioDataError(f"{path}:{lineno}: expected an object with a string field {field!r}")
             texts.append(record[field])
     return texts
+
+
+SHIPPED_WIKITEXT = {
+    "test": SHIPPED_DATA_DIR / "wikitext-2-raw" / "wiki.test.raw",
+    "valid": SHIPPED_DATA_DIR / "wikitext-2-raw" / "wiki.valid.raw",
+}
+
+
+def is_article_heading(line: str) -> bool:
+    """` = Title = ` (an article) but not ` = = Section = = `."""
+    stripped = line.strip()
+    return stripped.startswith("= ") and stripped.endswith(" =") and not stripped.startswith("= =")
+
+
+def split_articles(text: str) -> list[str]:
+    """The documents of a WikiText raw file, each from its heading line up to the next heading."""
+    documents: list[str] = []
+    lines: list[str] = []
+    for line in text.split("\n"):
+        if is_article_heading(line) and lines:
+            documents.append("\n".join(lines))
+            lines = []
+        lines.append(line)
+    documents.append("\n".join(lines))
+    return [doc for doc in documents if doc.strip()]

@@ -20,7 +20,7 @@ from collections import Counter
 from helm.benchmark.scenarios.scenario import TEST_SPLIT, Input, Instance, Scenario, ScenarioMetadata
 
 from scenarios.arguments import as_int
-from scenarios.wikitext import SHIPPED_WIKITEXT
+from scenarios.data_files import SHIPPED_WIKITEXT
 
 NUM_WORDS = 64
 """Vocabulary size: the most frequent words only, so that each is a single token."""

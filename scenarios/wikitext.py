@@ -48,32 +48,8 @@ from pathlib import Path
 from helm.benchmark.scenarios.scenario import TEST_SPLIT, Input, Instance, Scenario, ScenarioMetadata
 
 from scenarios.arguments import as_choice, as_optional_str
-from scenarios.data_files import SHIPPED_DATA_DIR, require_file
+from scenarios.data_files import SHIPPED_WIKITEXT, is_article_heading, require_file, split_articles
 from scenarios.errors import ScenarioDataError
-
-SHIPPED_WIKITEXT = {
-    "test": SHIPPED_DATA_DIR / "wikitext-2-raw" / "wiki.test.raw",
-    "valid": SHIPPED_DATA_DIR / "wikitext-2-raw" / "wiki.valid.raw",
-}
-
-
-def is_article_heading(line: str) -> bool:
-    """` = Title = ` (an article) but not ` = = Section = = `."""
-    stripped = line.strip()
-    return stripped.startswith("= ") and stripped.endswith(" =") and not stripped.startswith("= =")
-
-
-def split_articles(text: str) -> list[str]:
-    """The documents of a WikiText raw file, each from its heading line up to the next heading."""
-    documents: list[str] = []
-    lines: list[str] = []
-    for line in text.split("\n"):
-        if is_article_heading(line) and lines:
-            documents.append("\n".join(lines))
-            lines = []
-        lines.append(line)
-    documents.append("\n".join(lines))
-    return [doc for doc in documents if doc.strip()]
 
 
 class WikiTextScenario(Scenario):

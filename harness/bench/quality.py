@@ -35,9 +35,8 @@ VARIANTS = {
 def run(w: Workload, out_dir: Path) -> str:
     from runtime import Engine, Policy
     from runtime.checkpoint import load_tokenizer
-    from scenarios.data_files import read_jsonl_field
+    from scenarios.data_files import SHIPPED_WIKITEXT, read_jsonl_field, split_articles
     from scenarios.lambada import SHIPPED_LAMBADA, split_passage
-    from scenarios.wikitext import SHIPPED_WIKITEXT, split_articles
 
     if not (REFERENCE / "config.json").is_file():
         raise RuntimeError(f"the reference model is missing at {REFERENCE}: train it with scripts/train_reference.py")

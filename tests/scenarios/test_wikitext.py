@@ -9,9 +9,10 @@ from helm.benchmark.adaptation.adapters.language_modeling_adapter import Languag
 from helm.benchmark.adaptation.scenario_state import ScenarioState
 from helm.benchmark.scenarios.scenario import Input, Instance, with_instance_ids
 
+from scenarios.data_files import SHIPPED_WIKITEXT, split_articles
 from scenarios.errors import ScenarioArgumentError, ScenarioDataError
 from scenarios.run_specs import wikitext_run_spec
-from scenarios.wikitext import SHIPPED_WIKITEXT, WikiTextScenario, split_articles
+from scenarios.wikitext import WikiTextScenario
 from scenarios.wikitext_metrics import WordPerplexityMetric, count_words
 from tests.scenarios.helm_stubs import CharWindowService, answered, make_adapter
 
