@@ -145,7 +145,7 @@ def compare_run(run_dir: Path, batch: int = 16, every: int = 1) -> dict:
         states = states[::every]
     started = time.perf_counter()
     hf_row: dict[str, float] = {}
-    agree, max_diff = 0, 0.0
+    agree, max_diff, split_hits = 0, 0.0, None
     if scenario.startswith("lambada") and "greedy" in scenario:
         # independent of how the harness generates: lm-eval's teacher-forced check, passage by passage
         key = (spec["model"]["path"], weights and (variant["bits"], variant["group_size"]), scenario)
@@ -153,6 +153,8 @@ def compare_run(run_dir: Path, batch: int = 16, every: int = 1) -> dict:
         ours = instance_terms(run_dir, "lambada_accuracy")  # (id, 0) -> (hit, 1)
         agree = sum(ours.get((s["instance"]["id"], 0), (None,))[0] == float(h) for s, h in zip(states, hits))
         hf_row["lambada_accuracy"] = sum(hits) / len(hits)
+        # the harness counts a word spelled with a non-canonical split right, teacher forcing cannot
+        split_hits = sum(ours.get((s["instance"]["id"], 0), (0,))[0] == 1 and _non_canonical(tok, s) for s in states)
     else:
         # a cache variant asks the same requests of the same weights as its uncompressed twin: answered once
         key = (spec["model"]["path"], weights and (variant["bits"], variant["group_size"]), scenario,
@@ -206,8 +208,18 @@ def compare_run(run_dir: Path, batch: int = 16, every: int = 1) -> dict:
         rows[name] = {"ours": ours, "hf": theirs,
                       "rel_diff": None if ours is None else abs(ours - theirs) / max(abs(theirs), 1e-12)}
     return {"run": run_dir.name, "requests": len(states), "every": every if sampled else 1, "agree": agree,
-            "max_logprob_diff": max_diff,
+            "max_logprob_diff": max_diff, **({"non_canonical_hits": split_hits} if split_hits is not None else {}),
             "hf_seconds": round(time.perf_counter() - started, 1), "figures": rows}
+
+
+def _non_canonical(tok, state: dict) -> bool:
+    """Whether the greedy output spells the LAMBADA target with other tokens than the tokenizer's encoding of it."""
+    from harness.token_text import TokenTexts
+
+    canonical = tok(" " + state["instance"]["references"][0]["output"]["text"], add_special_tokens=False)["input_ids"]
+    texts = TokenTexts(tok)
+    generated = [_token_bytes(t) for t in state["result"]["completions"][0]["tokens"][:len(canonical)]]
+    return generated != [texts.token_bytes(i) for i in canonical]
 
 
 class _Tok:
@@ -240,7 +252,8 @@ def main(argv=None) -> None:
         for name, row in result["figures"].items():
             print(f"{run_dir.name:55s} {name:18s} ours {row['ours']:.6g}  hf {row['hf']:.6g}  "
                   f"rel {row['rel_diff']:.2e}  agree {result['agree']}/{result['requests']}  "
-                  f"({result['hf_seconds']} s)", flush=True)
+                  + (f"non-canonical hits {result['non_canonical_hits']}  " if "non_canonical_hits" in result else "")
+                  + f"({result['hf_seconds']} s)", flush=True)
 
 
 if __name__ == "__main__":
