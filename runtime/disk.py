@@ -82,8 +82,8 @@ def _huge_empty(nbytes: int) -> torch.Tensor:
     Why: an O_DIRECT read is DMA'd into the buffer's physical pages, and a block request takes at most
     `max_segments` (254 on this machine's virtio disk) runs of physically contiguous memory. Into 4 KiB pages
     from a fragmented heap, the kernel split reads into requests of 677 KiB on average; into huge pages, into
-    requests of `max_sectors_kb` (4 MiB), and the same 96 MiB reads ran 2.1-2.5 GB/s against 0.5-1.0 GB/s
-    (measured 2026-12-01). With plain `torch.empty` buffers a run's disk rate depended on how fragmented
+    requests of `max_sectors_kb` (4 MiB), and the same 96 MiB reads ran 2-4x faster (docs/MEASUREMENTS.md,
+    W2). With plain `torch.empty` buffers a run's disk rate depended on how fragmented
     memory was when its buffers were allocated. Where the kernel gives no huge pages (THP `never`) this is an
     ordinary buffer."""
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared: no THP

@@ -11,9 +11,9 @@ from runtime.errors import PolicyError
 PREFETCH_DEPTH = 2
 """Layers whose disk weights (`runtime.weights`) are read ahead of the one computing. One, FlexGen's double
 buffering, leaves the disk idle whenever a layer's read ends before the previous layer's compute does (layers
-with fewer bytes on disk, the tail of a read on fewer threads): W2 on opt-1.3b, alternated in worker processes
-(2026-12-01), ran 9.8-9.9 tok/s at one and 11.5-12.1 at two, half the time blocked on disk. Costs one more
-layer of staging memory (the cost model counts `PREFETCH_DEPTH + 1` slots)."""
+with fewer bytes on disk, the tail of a read on fewer threads): W2 on opt-1.3b, alternated in worker processes,
+ran about 20% faster at two than at one (docs/MEASUREMENTS.md). Costs one more layer of staging memory (the cost
+model counts `PREFETCH_DEPTH + 1` slots)."""
 CAST_BLOCK_BYTES = 8 * 2**20
 """Scratch of `runtime.kernels.CastWeight`: one block of rows converted to the compute dtype (best measured
 here with a 32 MiB L3, see runtime/kernels.py)."""
