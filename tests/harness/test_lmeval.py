@@ -20,10 +20,13 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from harness.lmeval.cli import TASKS_DIR  # noqa: E402
 from harness.lmeval.model import FlexhelmLM  # noqa: E402
+from harness.policies import Workload  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 REF = REPO / "models" / "flexhelm-opt-ref"
 RTOL = 1e-3
+LIMIT = 8
+"""Documents per task: LAMBADA passages, WikiText articles (2-9k tokens each, several 2048-token windows)."""
 DISK = {"weights": {"device": 0.0, "host": 0.3}, "gpu_batch_size": 4, "num_gpu_batches": 2}
 """70% of the weights on disk, blocks of two micro-batches."""
 
@@ -46,19 +49,19 @@ def _responses(result: dict, task: str) -> list:
 @pytest.fixture(scope="module")
 def hf_ref(tasks):
     """lm-eval's own `hf` model on the shipped reference model (fp32, as flexhelm computes on the CPU)."""
-    return _evaluate("hf", tasks, ["lambada_openai_local", "wikitext_local"], 12,
+    return _evaluate("hf", tasks, ["lambada_openai_local", "wikitext_local"], LIMIT,
                      model_args=f"pretrained={REF},dtype=float32", batch_size=4, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def ours_ref(tasks):
-    return _evaluate("flexhelm", tasks, ["lambada_openai_local", "wikitext_local"], 12,
+    return _evaluate("flexhelm", tasks, ["lambada_openai_local", "wikitext_local"], LIMIT,
                      model_args=f"pretrained={REF}", batch_size=8)
 
 
 def test_lambada_equals_lm_eval_hf(hf_ref, ours_ref):
     ours, theirs = _responses(ours_ref, "lambada_openai_local"), _responses(hf_ref, "lambada_openai_local")
-    assert len(ours) == len(theirs) == 12
+    assert len(ours) == len(theirs) == LIMIT
     for (lp, greedy), (lp_hf, greedy_hf) in ((o[0], t[0]) for o, t in zip(ours, theirs)):
         assert float(lp) == pytest.approx(float(lp_hf), rel=1e-4, abs=1e-4)
         assert greedy == greedy_hf
@@ -69,7 +72,7 @@ def test_lambada_equals_lm_eval_hf(hf_ref, ours_ref):
 
 def test_wikitext_equals_lm_eval_hf(hf_ref, ours_ref):
     ours, theirs = _responses(ours_ref, "wikitext_local"), _responses(hf_ref, "wikitext_local")
-    assert len(ours) == len(theirs) == 12
+    assert len(ours) == len(theirs) == LIMIT
     for o, t in zip(ours, theirs):
         assert float(o[0]) == pytest.approx(float(t[0]), rel=1e-5)
     r, r_hf = ours_ref["results"]["wikitext_local"], hf_ref["results"]["wikitext_local"]
@@ -81,7 +84,7 @@ def test_weights_on_disk_change_nothing(tasks, ours_ref, tmp_path):
     policy = tmp_path / "disk.json"
     policy.write_text(json.dumps(DISK))
     lm = FlexhelmLM(pretrained=str(REF), policy=str(policy), batch_size=8, offload_dir=str(tmp_path / "offload"))
-    out = _evaluate(lm, tasks, ["lambada_openai_local", "wikitext_local"], 12)
+    out = _evaluate(lm, tasks, ["lambada_openai_local", "wikitext_local"], LIMIT)
     assert lm.engine.policy.weights.disk == pytest.approx(0.7)
     for task in ("lambada_openai_local", "wikitext_local"):
         assert _responses(out, task) == _responses(ours_ref, task), task
@@ -106,10 +109,20 @@ def test_generate_until_equals_lm_eval_hf(tiny_llama):
     folder, _ = tiny_llama("llama-gqa")
     requests = [_gen("the quick brown", ["\n"]), _gen("a b c d e f", ["e", "\n\n"]),
                 _gen("hello", ["."], n=20), _gen("one two three four five six seven", [" z"], n=5)]
-    ours = FlexhelmLM(pretrained=str(folder), batch_size=4).generate_until(requests)
-    theirs = HFLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=4).generate_until(requests)
-    assert ours == theirs
+    lm, hf = FlexhelmLM(pretrained=str(folder), batch_size=4), HFLM(pretrained=str(folder), dtype="float32",
+                                                                       device="cpu", batch_size=4)
+    ours = lm.generate_until(requests)
+    assert ours == hf.generate_until(requests)
     assert any(ours)  # the tiny model produces text, not only stops
+    # greedy continuations (token ids) scored back: is_greedy holds on both sides, and fails once a token changes
+    contexts = [lm.tok_encode(r.args[0]) for r in requests]
+    greedy = [g.output_ids for g in lm._engine_for(Workload(64, 4), 4).generate(contexts, 4, stop_at_eos=False)
+              .generations]
+    triples = [(None, c, g) for c, g in zip(contexts, greedy)]
+    triples += [(None, c, g[:-1] + [(g[-1] + 1) % lm.spec.vocab_size]) for c, g in zip(contexts, greedy)]
+    mine, theirs = lm._loglikelihood_tokens(triples), hf._loglikelihood_tokens(triples)
+    assert [g for _, g in mine] == [g for _, g in theirs] == [True] * 4 + [False] * 4
+    assert [lp for lp, _ in mine] == pytest.approx([lp for lp, _ in theirs], rel=1e-4)
 
 
 def test_sampling_is_seeded_and_bad_arguments_are_named(tiny_llama):
