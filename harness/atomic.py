@@ -48,9 +48,12 @@ def write_with(path: str | os.PathLike, write: Callable[[str], None], size: int 
     return path
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    data = text.encode()
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return write_with(path, lambda tmp: Path(tmp).write_bytes(data), len(data))
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes(path, text.encode())
 
 
 def write_json(path: str | os.PathLike, data) -> Path:

@@ -1,4 +1,5 @@
-"""From a suite's runtime variant to the runtime `Policy` a run uses, and what `policy.json` records of it.
+"""From a suite's runtime variant to the runtime `Policy` a run uses, and what `policy.json` records of it (the plan,
+its prediction and, after a kill, why it was planned again).
 
 `policy: auto` asks the cost-model planner (`harness.auto_policy`, the LP of `runtime.policy_search`) for the
 placement of the run's batch and compression within the variant's memory limits; `policy.json` records its
@@ -9,9 +10,12 @@ the plan depends on the RAM free at the time, and a changed policy would make th
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+from harness import atomic, memory_watch
 from runtime.errors import PolicyError
 
 DEFAULT_QUANT_AXIS = "input"
@@ -113,9 +117,10 @@ def run_workload(model_dir: str, requests: list) -> Workload | None:
     return Workload(min(longest + len(default_prefix(tokenizer)), positions - gen), gen)
 
 
-def resolve_policy(run, requests: list | None = None) -> ResolvedPolicy:
+def resolve_policy(run, requests: list | None = None, ram_limit: int | None = None) -> ResolvedPolicy:
     """The Policy `run` (a `harness.suite.RunSpec`) executes with; `auto` is planned for its HELM `requests`
-    (their `run_workload`), or without them for the longest request the model accepts."""
+    (their `run_workload`), or without them for the longest request the model accepts, within the variant's
+    memory limits and at most `ram_limit` bytes of RAM (the RAM a Ray task reserved for the run)."""
     from runtime.policy import Policy
 
     variant = run.variant
@@ -124,7 +129,10 @@ def resolve_policy(run, requests: list | None = None) -> ResolvedPolicy:
         return ResolvedPolicy(Policy.from_json(fields), variant.policy, "explicit")
     started = time.perf_counter()
     workload = run_workload(run.model.path, requests) if requests else None
-    return plan_auto(run.model.path, fields, run.variant.memory, workload, started)
+    memory = dict(variant.memory)
+    if ram_limit is not None:  # `host` is RAM on every machine (on a CPU-only one it also caps the device tier)
+        memory["host"] = min(memory.get("host", ram_limit), ram_limit)
+    return plan_auto(run.model.path, fields, memory, workload, started)
 
 
 def pick_plan(plans: list):
@@ -170,3 +178,51 @@ def plan_auto(model_path: str, fields: dict, memory: dict, workload: Workload | 
                   "memory": pred.memory, "bottleneck": pred.bottleneck, "binding": plan.binding,
                   "workload": {"prompt_len": prompt_len, "gen_len": gen, "num_seqs": base.block_size}}
     return ResolvedPolicy(policy, "auto", "auto: planner", prediction, time.perf_counter() - started)
+
+
+def run_policy(run, run_dir: Path, requests: list, ram_limit: int | None = None) -> ResolvedPolicy:
+    """The policy `run` (a `harness.suite.RunSpec`) computes with in `run_dir`: the one an earlier attempt recorded
+    in policy.json (an `auto` plan depends on the RAM free at the time), else `resolve_policy` for its `requests`
+    within `ram_limit`. An earlier attempt that died without ending (SIGKILL, the OOM killer's signal: see
+    `harness/memory_watch.py`) gets an `auto` policy planned again below the peak RAM it reached; the request cache
+    keeps its finished batches across the new placement (its keys hold only what changes results)."""
+    saved = _read_json(run_dir / "policy.json")
+    last = memory_watch.last_attempt(run_dir)
+    budget = memory_watch.replan_budget(last)
+    died = None if budget is None else (f"the last attempt of this run died without ending at "
+                                        f"{last['peak_rss'] / 2**30:.2f} GiB of RAM (killed: the OOM killer?)")
+    if saved.get("run_key") == run.key and (budget is None or run.variant.policy != "auto"):
+        if died:
+            logging.getLogger("flexhelm").warning(f"{died}; its policy is explicit, so it runs again as it is: give "
+                                                  "the variant a smaller one, or `policy: auto` with a `memory:` limit")
+        return ResolvedPolicy.from_json(saved)
+    replanned = {}
+    if died:
+        before = (saved.get("replanned") or {}).get("ram_limit") if saved.get("run_key") == run.key else None
+        if before:  # killed again under the last replanned limit: below that too, so repeated kills converge
+            budget = min(budget, int(memory_watch.SHRINK * before))
+        ram_limit = min(budget, ram_limit or budget)
+        logging.getLogger("flexhelm").warning(f"{died}: planned again for at most {ram_limit / 2**30:.2f} GiB")
+        replanned = {"replanned": {"after_peak_rss": last["peak_rss"], "ram_limit": ram_limit,
+                                   "attempt": last.get("attempt", 1) + 1}}
+    resolved = resolve_policy(run, requests, ram_limit)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(run_dir / "policy.json", {**resolved.to_json(), "run_key": run.key, **replanned})
+    return resolved
+
+
+def replanned(run_dir: Path) -> dict:
+    """`{"replanned": ...}` when an attempt of the run was killed and its policy planned again, else {}: kept in
+    policy.json when the finished run rewrites it (the peak RAM of the attempt that finished: memory.json)."""
+    value = _read_json(run_dir / "policy.json").get("replanned")
+    return {"replanned": value} if value else {}
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -1,5 +1,6 @@
-"""Progress of a suite: one bar for the suite (runs) and one for the current run (requests, instances,
-tokens/s, ETA). On a terminal they redraw in place; elsewhere (a log, CI) only one line per finished run."""
+"""Progress of a suite: one bar for the suite (runs, ETA; with the Ray executor, the runs in flight on each node)
+and one for the current run (requests, instances, tokens/s, ETA). On a terminal they redraw in place; elsewhere
+(a log, CI) only one line per finished run."""
 
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ class SuiteProgress:
         if self.run_bar is not None:
             self.run_bar.close()
             self.run_bar = None
+
+    def in_flight(self, text: str) -> None:
+        """What runs where now (the Ray executor: runs in flight per node), beside the suite's bar."""
+        self.suite_bar.set_postfix_str(text, refresh=True)
 
     def end_run(self, line: str) -> None:
         self.executed()

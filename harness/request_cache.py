@@ -37,9 +37,17 @@ def model_identity(folder: str | os.PathLike) -> dict:
     return {"folder": str(folder), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
 
 
+RESULT_FIELDS = ("compress_weight", "compress_cache", "device")
+"""The Policy fields that change a request's result. Placement over tiers, the weight format, overlap and the split
+of a block into micro-batches do not (offloading never changes results: tests/runtime check it), so a run
+replanned after it was killed (`harness/memory_watch.py`) keeps its finished batches."""
+
+
 def request_key(model: dict, policy: dict, request) -> str:
-    """Cache key of a HELM `Request` sent to `model` (see `model_identity`) under `policy` (Policy JSON)."""
-    payload = {"model": model, "policy": policy, "request": dataclasses.asdict(request)}
+    """Cache key of a HELM `Request` sent to `model` (see `model_identity`) under `policy` (Policy JSON; only its
+    `RESULT_FIELDS` count)."""
+    payload = {"model": model, "policy": {k: policy.get(k) for k in RESULT_FIELDS},
+               "request": dataclasses.asdict(request)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 

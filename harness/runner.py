@@ -31,9 +31,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from harness import atomic, helm_json, run_lock
+from harness import atomic, helm_json, memory_watch, run_lock
 from harness.executor import ExecutionJob, Executor, LocalExecutor
-from harness.policies import ResolvedPolicy, resolve_policy
+from harness.policies import replanned, run_policy
 from harness.progress import SuiteProgress
 from harness.request_cache import RequestCache, model_identity
 from harness.run_log import RunLog
@@ -90,10 +90,12 @@ def helm_run_specs(suite: Suite) -> dict[tuple[str, str], object]:
 
 class SuiteRunner:
     def __init__(self, results_dir: str | os.PathLike = "results", executor: Executor | None = None,
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, ram_limit: int | None = None) -> None:
         self.results_dir = Path(results_dir)
         self.executor = executor or LocalExecutor()
         self.progress_enabled = progress
+        self.ram_limit = ram_limit
+        """Bytes of RAM an `auto` plan may fill besides the variant's limits (a Ray task's reservation)."""
         self._last_adapted: tuple = (None, None)
         self._prefetched: dict[str, Future] = {}
 
@@ -138,7 +140,7 @@ class SuiteRunner:
         for f in pending[self._reported:]:
             if not (wait or f.done()):
                 return
-            progress.end_run(_summary(f.result()))
+            progress.end_run(summary_line(f.result()))
             self._reported += 1
 
     def run_dir(self, run: RunSpec) -> Path:
@@ -199,13 +201,15 @@ class SuiteRunner:
         eval_instances = len({s.instance.id for s in states})
 
         # Choose the policy for these requests (a rerun keeps the first attempt's plan)
-        resolved = self._resolve(run, run_dir, states)
+        resolved = run_policy(run, run_dir, [s.request for s in states], self.ram_limit)
 
         # Execute in batches on the runtime (batches finished before a crash come from the request cache)
         job = ExecutionJob(run.model.path, resolved.policy, run.batch_size, model_identity(run.model.path))
         cache = RequestCache(run_dir / "requests.jsonl")
         progress.start_run(run.id, len(states), eval_instances)
-        states, report = self.executor.execute(job, states, cache, progress.batch_done)
+        last = memory_watch.last_attempt(run_dir)
+        with memory_watch.MemoryWatch(run_dir, attempt=(last or {}).get("attempt", 0) + 1):
+            states, report = self.executor.execute(job, states, cache, progress.batch_done)
         progress.executed()
         return lambda: self._finish(run, helm_spec, scenario, states, resolved, report, cache, started)
 
@@ -241,7 +245,7 @@ class SuiteRunner:
             atomic.write_text(run_dir / name, helm_json.dumps(helm_json.to_tree(value), compact))
         ours = {
             "flexhelm_run.json": {**run.to_json(), "key": run.key},
-            "policy.json": {**resolved.to_json(), "run_key": run.key},
+            "policy.json": {**resolved.to_json(), "run_key": run.key, **replanned(run_dir)},
             "env.json": self._env,
             "runtime.json": runtime_summary(cache.calls_for(set(report.keys)), len(states), eval_instances),
         }
@@ -253,18 +257,6 @@ class SuiteRunner:
         atomic.write_json(run_dir / DONE, {"key": run.key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                            "harness_s": time.perf_counter() - started - runtime_s})
         return runtime_s
-
-    @staticmethod
-    def _resolve(run: RunSpec, run_dir: Path, states: list) -> ResolvedPolicy:
-        """`resolve_policy` for the run's requests, or the policy an earlier attempt of this run recorded: an
-        `auto` plan depends on the RAM free at the time, and another policy would miss the request cache."""
-        saved = _read_json(run_dir / "policy.json")
-        if saved.get("run_key") == run.key:
-            return ResolvedPolicy.from_json(saved)
-        resolved = resolve_policy(run, [s.request for s in states])
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(run_dir / "policy.json", {**resolved.to_json(), "run_key": run.key})
-        return resolved
 
     def _adapt(self, helm_spec) -> tuple:
         """(scenario, request states) of `helm_spec`. Adapting is deterministic and the same for every variant
@@ -367,7 +359,7 @@ def _resolved(outcome: RunOutcome) -> Future:
     return f
 
 
-def _summary(o: RunOutcome) -> str:
+def summary_line(o: RunOutcome) -> str:
     if o.status == "skipped":
         return f"  skipped  {o.run_id} (finished before)"
     if o.status == "failed":

@@ -21,6 +21,16 @@ def add_commands(sub) -> None:
     r.add_argument("--results", default=DEFAULT_RESULTS, help="results folder; runs go to RESULTS/<suite>/<run>/")
     r.add_argument("--max-instances", type=int, help="cap every scenario's instances (a smoke test of a suite)")
     r.add_argument("--dry-run", action="store_true", help="validate the suite and list its runs, run nothing")
+    r.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: one run after another in this process; ray: each run a Ray task on a cluster's nodes")
+    r.add_argument("--address", help="with --executor ray: `auto` or HOST:PORT joins that Ray cluster (default: "
+                                      "start a local Ray instance)")
+    r.add_argument("--max-retries", type=int, help="with --executor ray: times a run whose worker or node was lost "
+                                                    "starts again (default: RayOptions.max_retries, 3)")
+    r.add_argument("--cpus-per-run", type=int, help="with --executor ray: CPUs Ray reserves for each run, also its "
+                                                     "torch threads (default: a node's, those of the smallest)")
+    r.add_argument("--gpus-per-run", type=float, help="with --executor ray: GPUs Ray reserves for each run (default: "
+                                                       "1 on a cluster with GPUs, else 0)")
     r.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="one table row per run (parquet + CSV) and fp16 vs compressed comparison")
@@ -39,8 +49,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.max_instances is not None and args.max_instances < 1:
         print("flexhelm: error: --max-instances must be >= 1", file=sys.stderr)
         return 2
+    ray_flags = {"address": args.address, "max_retries": args.max_retries, "cpus_per_run": args.cpus_per_run,
+                 "gpus_per_run": args.gpus_per_run}
+    ray_flags = {k: v for k, v in ray_flags.items() if v is not None}
+    if args.executor != "ray" and ray_flags:
+        given = ", ".join("--" + k.replace("_", "-") for k in ray_flags)
+        print(f"flexhelm: error: {given} only apply with --executor ray", file=sys.stderr)
+        return 2
+    negative = min(ray_flags.get("max_retries", 0), ray_flags.get("gpus_per_run", 0)) < 0
+    if negative or ray_flags.get("cpus_per_run", 1) < 1:
+        print("flexhelm: error: --max-retries and --gpus-per-run must be >= 0, --cpus-per-run >= 1", file=sys.stderr)
+        return 2
+    if args.executor == "ray":
+        from harness.ray_runner import RayOptions, RayRunner, import_ray
+
+        import_ray()  # a missing Ray is one line now, not after the suite has been read and checked
     suite = load_suite(args.suite, max_instances=args.max_instances)
     runner = SuiteRunner(args.results)
+    if args.executor == "ray" and not args.dry_run:
+        runner = RayRunner(args.results, RayOptions(**ray_flags))
     if args.dry_run:
         helm_run_specs(suite)  # the HELM side of validation: scenarios, arguments, models
         print(f"suite {suite.name}: {len(suite.runs)} runs -> {runner.suite_dir(suite)}/")
@@ -51,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     print(f"suite {suite.name}: {len(suite.runs)} runs -> {runner.suite_dir(suite)}/", flush=True)
     again = f"flexhelm run {args.suite} --results {args.results}" + (
-        f" --max-instances {args.max_instances}" if args.max_instances else "")
+        f" --max-instances {args.max_instances}" if args.max_instances else "") + _executor_flags(args)
     try:
         with _sigterm_interrupts():
             outcomes = runner.run(suite)
@@ -104,6 +131,15 @@ def cmd_plot(args: argparse.Namespace) -> int:
     paths = plot_suite(frame, suite_dir / "plots", comparison(frame, suite_dir))
     print("plots: " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _executor_flags(args: argparse.Namespace) -> str:
+    """The executor's flags as given, for the command that resumes a suite."""
+    if args.executor != "ray":
+        return ""
+    given = [(f, getattr(args, f.lstrip("-").replace("-", "_"))) for f in ("--address", "--max-retries",
+                                                                          "--cpus-per-run", "--gpus-per-run")]
+    return " --executor ray" + "".join(f" {flag} {value}" for flag, value in given if value is not None)
 
 
 def _policy_text(variant) -> str:

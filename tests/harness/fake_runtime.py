@@ -23,11 +23,20 @@ class InjectedCrash(BaseException):
 class FakeRuntime:
     """`backend_factory` for `LocalExecutor`: every backend it makes shares its counters."""
 
-    def __init__(self, crash_at_batch: int | None = None, delay_s: float = 0.0) -> None:
+    def __init__(self, crash_at_batch: int | None = None, delay_s: float = 0.0, error_at_batch: int | None = None,
+                 rendezvous: tuple[str, int] | None = None, record: str | None = None) -> None:
         self.crash_at_batch = crash_at_batch
         """Raise `InjectedCrash` when this batch (0-based, counted over all backends) starts."""
         self.delay_s = delay_s
         """Sleep this long per batch (gives a test time to kill the process mid-run)."""
+        self.error_at_batch = error_at_batch
+        """Raise a `ValueError` (an ordinary error, as a bad input makes) when this batch starts."""
+        self.rendezvous = rendezvous
+        """(folder, n): before its first batch, wait (up to 60 s) until n copies of this runtime, in any processes,
+        have reached their first batch: proof that n runs are in flight at once."""
+        self.record = record
+        """A file to which every processed request is appended (`recorded` reads it): what was computed, also by
+        copies of this runtime in other processes (Ray's workers)."""
         self.batches = 0
         self.processed: list[tuple[str, str]] = []
         """(policy, request), both as JSON, of every request processed, in order."""
@@ -51,9 +60,19 @@ class _FakeBackend:
         rt = self.runtime
         if rt.crash_at_batch is not None and rt.batches == rt.crash_at_batch:
             raise InjectedCrash(f"crash injected at batch {rt.batches}")
+        if rt.error_at_batch is not None and rt.batches == rt.error_at_batch:
+            raise ValueError(f"bad input injected at batch {rt.batches}")
+        if rt.rendezvous is not None and rt.batches == 0:
+            _meet(*rt.rendezvous)
         rt.batches += 1
         time.sleep(rt.delay_s)
         rt.processed.extend((self.policy, json.dumps(dataclasses.asdict(r), sort_keys=True)) for r in requests)
+        if rt.record is not None:
+            import os
+
+            with open(rt.record, "a") as f:
+                f.write("".join(json.dumps({"pid": os.getpid(), "policy": self.policy, "prompt": r.prompt}) + "\n"
+                                for r in requests))
         results, prompt_tokens, generated = [], 0, 0
         for r in requests:
             ids = self.tokenizer(r.prompt, add_special_tokens=False)["input_ids"]
@@ -68,6 +87,27 @@ class _FakeBackend:
         stats = CallStats(prefill_s=0.004, decode_s=0.006, prompt_tokens=prompt_tokens, generated_tokens=generated,
                           peak_memory={"host": 2**20, "disk": 0})
         return BatchOutput(results, [EngineCall("fake", len(requests), len(requests), 0.01, stats)])
+
+
+def recorded(path) -> list[dict]:
+    """The requests a runtime with `record=path` processed: `{"pid", "policy", "prompt"}` each, in order."""
+    from pathlib import Path
+
+    return [json.loads(line) for line in Path(path).read_text().splitlines()] if Path(path).exists() else []
+
+
+def _meet(folder: str, parties: int) -> None:
+    import os
+    import uuid
+    from pathlib import Path
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"{os.getpid()}-{uuid.uuid4().hex}").touch()
+    deadline = time.monotonic() + 60
+    while len(list(Path(folder).iterdir())) < parties:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{parties} runs never were in flight at once")
+        time.sleep(0.02)
 
 
 def suite_text(name: str, model, rest: str) -> str:
