@@ -316,6 +316,49 @@ def test_sigterm_stops_the_suite_keeps_its_work_and_says_how_to_resume(suite_fil
     same_as(tmp_path / "clean" / "fake", tmp_path / "r" / "fake")
 
 
+SLOW_FINISH = SIGTERMED.replace("from harness.cli import main", """import time
+finish = runner.SuiteRunner._finish
+def slow(self, *args):
+    open(sys.argv[2] + ".finishing", "w").close()
+    time.sleep(60)  # metrics of a huge run
+    return finish(self, *args)
+runner.SuiteRunner._finish = slow
+from harness.cli import main""")
+
+
+def test_a_second_sigterm_stops_at_once_while_a_run_finishes(suite_file, tmp_path):
+    """The first SIGTERM waits for a finishing run's metrics; a second one ends the process at once, and the
+    rerun completes the suite as if nothing happened."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    run_suite(suite_file, tmp_path / "clean", FakeRuntime())
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_FINISH, str(suite_file), str(tmp_path / "r")], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    finishing = tmp_path / "r.finishing"
+    deadline = time.monotonic() + 120
+    while not finishing.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no run reached its metrics"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    assert proc.poll() is None  # waiting for the finishing run
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and time.monotonic() - sent < 5 and "stopped at once" in err
+    assert not list((tmp_path / "r" / "fake").glob("*/done.json"))
+    rerun = FakeRuntime()
+    run_suite(suite_file, tmp_path / "r", rerun)
+    assert duplicate_keys(tmp_path / "r" / "fake") == []
+    same_as(tmp_path / "clean" / "fake", tmp_path / "r" / "fake")
+
+
 def test_a_suite_holds_one_model_at_a_time_and_leaves_no_threads_or_files(tmp_path, tiny_opt, monkeypatch):
     """A long suite must not grow: the real backend of each run replaces the last one (closed: its I/O threads,
     scratch files and weights go), and after the suite the threads and open files are those before it."""
