@@ -64,3 +64,13 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """The JSON object in `path`, or {} when it is missing, unreadable or not an object (what a run folder's
+    optional files read as before they are written)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -42,9 +42,10 @@ def rss_bytes() -> int | None:
 class MemoryWatch:
     """Context manager: samples this process's RSS on a thread and keeps `<run_dir>/memory.json` up to date."""
 
-    def __init__(self, run_dir: str | os.PathLike, attempt: int = 1) -> None:
+    def __init__(self, run_dir: str | os.PathLike, attempt: int | None = None) -> None:
         self.path = Path(run_dir) / FILE
-        self.attempt = attempt
+        self.attempt = attempt or (last_attempt(run_dir) or {}).get("attempt", 0) + 1
+        """This attempt's number: one more than the last record's (the run's first: 1)."""
         self.peak = 0
         self._written = 0
         self._stop = threading.Event()
@@ -84,13 +85,8 @@ class MemoryWatch:
 
 def last_attempt(run_dir: str | os.PathLike) -> dict | None:
     """The record of the run's last attempt, or None (never started, or written by an older flexhelm)."""
-    import json
-
-    try:
-        data = json.loads((Path(run_dir) / FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("peak_rss"), int) else None
+    data = atomic.read_json(Path(run_dir) / FILE)
+    return data if isinstance(data.get("peak_rss"), int) else None
 
 
 def replan_budget(record: dict | None) -> int | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from harness import atomic, memory_watch
@@ -33,16 +33,19 @@ class ResolvedPolicy:
     """The planner's prediction (throughput, memory per tier), when a planner chose the policy."""
     plan_s: float = 0.0
     """Seconds the planner took (0 when reused or explicit)."""
+    replanned: dict | None = None
+    """Why an earlier attempt's policy was planned again (it was killed: `run_policy`), else None."""
 
     def to_json(self) -> dict:
         return {"policy": self.policy.to_json(), "requested": self.requested, "source": self.source,
-                "prediction": self.prediction}
+                "prediction": self.prediction, **({"replanned": self.replanned} if self.replanned else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> ResolvedPolicy:
         from runtime.policy import Policy
 
-        return cls(Policy.from_json(data["policy"]), data["requested"], data["source"], data.get("prediction"))
+        return cls(Policy.from_json(data["policy"]), data["requested"], data["source"], data.get("prediction"),
+                   replanned=data.get("replanned"))
 
 
 def read_policy_json(text: str, what: str = "policy") -> dict:
@@ -121,18 +124,26 @@ def resolve_policy(run, requests: list | None = None, ram_limit: int | None = No
     """The Policy `run` (a `harness.suite.RunSpec`) executes with; `auto` is planned for its HELM `requests`
     (their `run_workload`), or without them for the longest request the model accepts, within the variant's
     memory limits and at most `ram_limit` bytes of RAM (the RAM a Ray task reserved for the run)."""
+    started = time.perf_counter()
+    auto = run.variant.policy == "auto"
+    workload = run_workload(run.model.path, requests) if auto and requests else None
+    return variant_policy(run.model.path, run.variant, run.batch_size, workload, ram_limit, started)
+
+
+def variant_policy(model_path: str, variant, batch_size: int | None, workload: Workload | None = None,
+                   ram_limit: int | None = None, started: float | None = None) -> ResolvedPolicy:
+    """The Policy of `variant` (a `harness.suite.Variant`) at `batch_size` (None: its policy's block): its explicit
+    fields, or `auto` planned for `workload` within its memory limits and at most `ram_limit` bytes of RAM. Suite
+    runs (`resolve_policy`) and the lm-eval model both come here."""
     from runtime.policy import Policy
 
-    variant = run.variant
-    fields = policy_fields(variant, run.batch_size)
+    fields = policy_fields(variant, batch_size)
     if variant.policy != "auto":
         return ResolvedPolicy(Policy.from_json(fields), variant.policy, "explicit")
-    started = time.perf_counter()
-    workload = run_workload(run.model.path, requests) if requests else None
     memory = dict(variant.memory)
     if ram_limit is not None:  # `host` is RAM on every machine (on a CPU-only one it also caps the device tier)
         memory["host"] = min(memory.get("host", ram_limit), ram_limit)
-    return plan_auto(run.model.path, fields, memory, workload, started)
+    return plan_auto(model_path, fields, memory, workload, started)
 
 
 def pick_plan(plans: list):
@@ -149,7 +160,7 @@ def plan_auto(model_path: str, fields: dict, memory: dict, workload: Workload | 
     `fields`' block) within the `memory` limits (`auto_policy.Limits` fields), for `workload`, the longest
     request (None: the longest the model accepts). Planning LAMBADA's ~100-token passages as if they filled
     SmolLM2's 8192 positions cost 8 micro-batches of 4 and 3x the time. `$FLEXHELM_DEFAULT_POLICY` other than
-    `auto` (the test suite's `{}`) keeps the default placement instead. Used by suite runs and lm-eval."""
+    `auto` (the test suite's `{}`) keeps the default placement instead."""
     from harness import auto_policy
     from runtime.policy import Policy
 
@@ -186,43 +197,26 @@ def run_policy(run, run_dir: Path, requests: list, ram_limit: int | None = None)
     within `ram_limit`. An earlier attempt that died without ending (SIGKILL, the OOM killer's signal: see
     `harness/memory_watch.py`) gets an `auto` policy planned again below the peak RAM it reached; the request cache
     keeps its finished batches across the new placement (its keys hold only what changes results)."""
-    saved = _read_json(run_dir / "policy.json")
+    saved = atomic.read_json(run_dir / "policy.json")
+    earlier = ResolvedPolicy.from_json(saved) if saved.get("run_key") == run.key else None
     last = memory_watch.last_attempt(run_dir)
     budget = memory_watch.replan_budget(last)
     died = None if budget is None else (f"the last attempt of this run died without ending at "
                                         f"{last['peak_rss'] / 2**30:.2f} GiB of RAM (killed: the OOM killer?)")
-    if saved.get("run_key") == run.key and (budget is None or run.variant.policy != "auto"):
+    if earlier is not None and (budget is None or run.variant.policy != "auto"):
         if died:
             logging.getLogger("flexhelm").warning(f"{died}; its policy is explicit, so it runs again as it is: give "
                                                   "the variant a smaller one, or `policy: auto` with a `memory:` limit")
-        return ResolvedPolicy.from_json(saved)
-    replanned = {}
+        return earlier
+    replanned = None
     if died:
-        before = (saved.get("replanned") or {}).get("ram_limit") if saved.get("run_key") == run.key else None
+        before = earlier.replanned["ram_limit"] if earlier is not None and earlier.replanned else None
         if before:  # killed again under the last replanned limit: below that too, so repeated kills converge
             budget = min(budget, int(memory_watch.SHRINK * before))
         ram_limit = min(budget, ram_limit or budget)
         logging.getLogger("flexhelm").warning(f"{died}: planned again for at most {ram_limit / 2**30:.2f} GiB")
-        replanned = {"replanned": {"after_peak_rss": last["peak_rss"], "ram_limit": ram_limit,
-                                   "attempt": last.get("attempt", 1) + 1}}
-    resolved = resolve_policy(run, requests, ram_limit)
+        replanned = {"after_peak_rss": last["peak_rss"], "ram_limit": ram_limit, "attempt": last.get("attempt", 1) + 1}
+    resolved = replace(resolve_policy(run, requests, ram_limit), replanned=replanned)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(run_dir / "policy.json", {**resolved.to_json(), "run_key": run.key, **replanned})
+    atomic.write_json(run_dir / "policy.json", {**resolved.to_json(), "run_key": run.key})
     return resolved
-
-
-def replanned(run_dir: Path) -> dict:
-    """`{"replanned": ...}` when an attempt of the run was killed and its policy planned again, else {}: kept in
-    policy.json when the finished run rewrites it (the peak RAM of the attempt that finished: memory.json)."""
-    value = _read_json(run_dir / "policy.json").get("replanned")
-    return {"replanned": value} if value else {}
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from harness import atomic, run_lock
 from harness.executor import LocalExecutor
+from harness.request_cache import whole_lines
 from harness.runner import RunOutcome, SuiteRunner
 from harness.suite import RunSpec, Suite
 
@@ -116,16 +117,11 @@ def _seed(run_dir: Path, seed: dict) -> None:
         if not path.is_file():
             atomic.write_bytes(path, data)
         elif name == CACHE:
-            have = _whole_lines(path.read_bytes())
+            have = whole_lines(path.read_bytes())
             known = set(have.splitlines())
-            extra = [line for line in _whole_lines(data).splitlines() if line not in known]
+            extra = [line for line in whole_lines(data).splitlines() if line not in known]
             if extra:
                 atomic.write_bytes(path, have + b"\n".join(extra) + b"\n")
-
-
-def _whole_lines(data: bytes) -> bytes:
-    """`data` without a torn last line (a write a kill cut short; its batch is computed again)."""
-    return data[:data.rfind(b"\n") + 1]
 
 
 def scratch_root(option: str | None) -> Path:

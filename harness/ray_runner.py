@@ -122,7 +122,7 @@ class RayRunner:
         self.attempts, self.placements = {}, []
         try:
             for run in suite.runs:
-                outcome, lock = self._claim(run)
+                outcome, lock = self.local.claim(run)  # the local runner's claim: held on the driver while in flight
                 if outcome is None:
                     todo.append((run, lock))
                 else:
@@ -169,20 +169,6 @@ class RayRunner:
             if started_ray:
                 with keep_sigterm():
                     ray.shutdown()
-
-    def _claim(self, run: RunSpec) -> tuple[RunOutcome | None, run_lock.RunLock | None]:
-        """(None, the run folder's lock) for a run to compute; (its outcome, None) for one finished or held."""
-        if self.is_finished(run):
-            return RunOutcome(run.id, "skipped"), None
-        run_dir = self.local.run_dir(run)
-        lock = run_lock.try_lock(run_dir)  # held on the driver while the run is in flight anywhere
-        if lock is None:
-            return RunOutcome(run.id, "busy", error=run_lock.holder(run_dir)), None
-        if self.is_finished(run):  # its holder finished it while we were getting here
-            lock.release()
-            return RunOutcome(run.id, "skipped"), None
-        (run_dir / DONE).unlink(missing_ok=True)  # a stale marker from an edited entry must not survive a crash
-        return None, lock
 
     def _job(self, suite: Suite, run: RunSpec, ram: int, cpus: float) -> NodeJob:
         run_dir = self.local.run_dir(run)

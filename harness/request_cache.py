@@ -37,6 +37,12 @@ def model_identity(folder: str | os.PathLike) -> dict:
     return {"folder": str(folder), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
 
 
+def whole_lines(data: bytes) -> bytes:
+    """A cache file's bytes without a torn last line (the write a crash or kill cut short; its batch is computed
+    again)."""
+    return data[:data.rfind(b"\n") + 1]
+
+
 RESULT_FIELDS = ("compress_weight", "compress_cache", "device")
 """The Policy fields that change a request's result. Placement over tiers, the weight format, overlap and the split
 of a block into micro-batches do not (offloading never changes results: tests/runtime check it), so a run
@@ -70,7 +76,7 @@ class RequestCache:
         if not self.path.exists():
             return
         data = self.path.read_bytes()
-        whole = data[:data.rfind(b"\n") + 1]  # a crash mid-write leaves a partial last line: drop it
+        whole = whole_lines(data)
         for line in whole.splitlines():
             try:
                 record = json.loads(line)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from harness import atomic, helm_json, memory_watch, run_lock
 from harness.executor import ExecutionJob, Executor, LocalExecutor
-from harness.policies import replanned, run_policy
+from harness.policies import run_policy
 from harness.progress import SuiteProgress
 from harness.request_cache import RequestCache, model_identity
 from harness.run_log import RunLog
@@ -148,20 +148,29 @@ class SuiteRunner:
 
     def is_finished(self, run: RunSpec) -> bool:
         done = self.run_dir(run) / DONE
-        return done.is_file() and _read_json(done).get("key") == run.key
+        return done.is_file() and atomic.read_json(done).get("key") == run.key
+
+    def claim(self, run: RunSpec) -> tuple[RunOutcome | None, run_lock.RunLock | None]:
+        """(None, the run folder's lock) for a run to compute now; (its outcome, None) for one finished before or held
+        by another runner. The lock is held until the run is finished or failed (harness/run_lock.py)."""
+        if self.is_finished(run):
+            return RunOutcome(run.id, "skipped"), None
+        run_dir = self.run_dir(run)
+        lock = run_lock.try_lock(run_dir)
+        if lock is None:
+            return RunOutcome(run.id, "busy", error=run_lock.holder(run_dir)), None
+        if self.is_finished(run):  # its holder finished it while we were getting here
+            lock.release()
+            return RunOutcome(run.id, "skipped"), None
+        (run_dir / DONE).unlink(missing_ok=True)  # a stale marker from an edited entry must not survive a crash
+        return None, lock
 
     def _guarded(self, run: RunSpec, helm_spec, progress: SuiteProgress, finisher: ThreadPoolExecutor) -> Future:
         """The run's outcome: its requests computed now, its metrics and files on `finisher`."""
-        if self.is_finished(run):
-            return _resolved(RunOutcome(run.id, "skipped"))
+        outcome, lock = self.claim(run)
+        if outcome is not None:
+            return _resolved(outcome)
         run_dir = self.run_dir(run)
-        lock = run_lock.try_lock(run_dir)  # held until the run is finished or failed (harness/run_lock.py)
-        if lock is None:
-            return _resolved(RunOutcome(run.id, "busy", error=run_lock.holder(run_dir)))
-        if self.is_finished(run):  # its holder finished it while we were getting here
-            lock.release()
-            return _resolved(RunOutcome(run.id, "skipped"))
-        (run_dir / DONE).unlink(missing_ok=True)  # a stale marker from an edited entry must not survive a crash
         log = RunLog(run_dir / "run.log", run.id)
         started = time.perf_counter()
 
@@ -207,8 +216,7 @@ class SuiteRunner:
         job = ExecutionJob(run.model.path, resolved.policy, run.batch_size, model_identity(run.model.path))
         cache = RequestCache(run_dir / "requests.jsonl")
         progress.start_run(run.id, len(states), eval_instances)
-        last = memory_watch.last_attempt(run_dir)
-        with memory_watch.MemoryWatch(run_dir, attempt=(last or {}).get("attempt", 0) + 1):
+        with memory_watch.MemoryWatch(run_dir):
             states, report = self.executor.execute(job, states, cache, progress.batch_done)
         progress.executed()
         return lambda: self._finish(run, helm_spec, scenario, states, resolved, report, cache, started)
@@ -245,7 +253,7 @@ class SuiteRunner:
             atomic.write_text(run_dir / name, helm_json.dumps(helm_json.to_tree(value), compact))
         ours = {
             "flexhelm_run.json": {**run.to_json(), "key": run.key},
-            "policy.json": {**resolved.to_json(), "run_key": run.key, **replanned(run_dir)},
+            "policy.json": {**resolved.to_json(), "run_key": run.key},
             "env.json": self._env,
             "runtime.json": runtime_summary(cache.calls_for(set(report.keys)), len(states), eval_instances),
         }
@@ -367,12 +375,3 @@ def summary_line(o: RunOutcome) -> str:
     if o.status == "busy":
         return f"  busy     {o.run_id}: another flexhelm run is computing it ({o.error}); left to it"
     return f"  done     {o.run_id} in {o.wall_s:.1f} s ({o.runtime_s:.1f} s in the runtime)"
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}

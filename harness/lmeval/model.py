@@ -35,7 +35,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from harness.policies import ResolvedPolicy, Workload, plan_auto, policy_fields, read_policy_json
+from harness.policies import ResolvedPolicy, Workload, policy_fields, read_policy_json, variant_policy
 from harness.suite import Compression, Variant
 from runtime.errors import InputError, PolicyError
 
@@ -232,25 +232,20 @@ class FlexhelmLM(TemplateLM):
         return self.engine
 
     def _resolve(self, need: Workload, n: int) -> ResolvedPolicy:
-        from runtime.policy import Policy
-
-        if self.variant.policy != "auto":
-            fields = policy_fields(self.variant, self.block)
-            return ResolvedPolicy(Policy.from_json(fields), self.variant.policy, "explicit")
         path = str(self.model_dir)
-        if self.block is not None:
-            return plan_auto(path, policy_fields(self.variant, self.block), self.variant.memory, need)
+        if self.variant.policy != "auto" or self.block is not None:
+            return variant_policy(path, self.variant, self.block, need)
         blocks = [b for b in AUTO_BLOCKS if b <= self.max_block and (b == AUTO_BLOCKS[0] or b // 2 < n)]
         plans = []
         for b in blocks or [AUTO_BLOCKS[0]]:
             try:
-                plans.append(plan_auto(path, policy_fields(self.variant, b), self.variant.memory, need))
+                plans.append(variant_policy(path, self.variant, b, need))
             except PolicyError as e:  # too big for memory: smaller blocks may fit
                 error = e
         if not plans:
             raise error
         if any(p.prediction is None for p in plans):  # no planner ($FLEXHELM_DEFAULT_POLICY): the default block
-            return plan_auto(path, policy_fields(self.variant, DEFAULT_BLOCK), self.variant.memory, need)
+            return variant_policy(path, self.variant, DEFAULT_BLOCK, need)
         best = max(p.prediction["throughput"] for p in plans)
         return next(p for p in plans if p.prediction["throughput"] >= 0.95 * best)
 
