@@ -37,6 +37,7 @@ import hashlib
 import os
 import signal
 import socket
+import tempfile
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -260,7 +261,7 @@ def connect(ray, address: str | None) -> bool:
     if ray.is_initialized():
         return False
     env = {k: os.environ[k] for k in ENV_FOR_NODES if k in os.environ}
-    extra = {"include_dashboard": False} if address is None else {}
+    extra = {"include_dashboard": False, "_temp_dir": local_temp_dir()} if address is None else {}
     try:
         with keep_sigterm():
             ray.init(address=address or "local", runtime_env={"env_vars": env}, log_to_driver=False,
@@ -270,6 +271,18 @@ def connect(ray, address: str | None) -> bool:
                        "`ray start --head` (see README, Suites on a Ray cluster), or leave out --address to run "
                        "on a local Ray instance") from None
     return True
+
+
+def local_temp_dir() -> str:
+    """Where a local Ray instance keeps its session folder (sockets, logs): `$TMPDIR/ray`, unless that lies inside
+    the active virtualenv (nox puts TMPDIR in the session's venv), where Ray's workers refuse it ("temp_dir must not
+    be child directory of virtualenv root"), die at start, and leave the driver waiting for them forever: then
+    `/tmp/ray`, Ray's own default, whose short path also keeps its Unix socket paths under the 107-byte limit."""
+    root = os.path.join(tempfile.gettempdir(), "ray")
+    venv = os.environ.get("VIRTUAL_ENV")
+    if venv and Path(root).resolve().is_relative_to(Path(venv).resolve()):
+        return "/tmp/ray"
+    return root
 
 
 @contextlib.contextmanager

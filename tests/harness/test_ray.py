@@ -39,13 +39,16 @@ def ray_node(tmp_path_factory, request):
     """A local Ray instance (2 CPUs) for the module; yields the FLEXHELM_CACHE of its workers."""
     import ray
 
+    from harness.ray_runner import local_temp_dir
+
     cache = tmp_path_factory.mktemp("ray-cache")
     with pytest.MonkeyPatch.context() as env:  # the workers' environment is this process's at start
         env.setenv("NLTK_DATA", str(tmp_path_factory.getbasetemp() / "nltk"))
         env.setenv("FLEXHELM_CACHE", str(cache))
         started = time.perf_counter()
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning",
-                 _node_ip_address="127.0.0.1", _memory=NODE_MEMORY)  # a new instance, never a cluster running here
+                 _node_ip_address="127.0.0.1", _memory=NODE_MEMORY,  # a new instance, never a cluster running here
+                 _temp_dir=local_temp_dir())
         took = time.perf_counter() - started
     with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
         print(f"\nRay start-up (a local instance, 2 CPUs): {took:.1f} s", flush=True)
@@ -343,3 +346,24 @@ variants:
                                                                               "memory": 64 * 2**30}
     assert task_resources(plain, whole, [small, gpus]) == {"num_cpus": 4, "num_gpus": 1, "memory": 8 * 2**30}
     assert task_resources(plain, RayOptions(gpus_per_run=0), [small, gpus])["num_gpus"] == 0
+
+
+def test_a_local_ray_instance_keeps_its_session_outside_the_virtualenv(tmp_path, monkeypatch):
+    """Ray's workers refuse a temp dir inside $VIRTUAL_ENV and die at start while the driver waits for them forever
+    (what hung these tests under nox, whose TMPDIR is inside the session's venv): a local instance's session folder
+    goes to `$TMPDIR/ray`, or to /tmp/ray when that lies inside the active virtualenv."""
+    import tempfile
+
+    from harness.ray_runner import local_temp_dir
+
+    venv, elsewhere = tmp_path / "venv", tmp_path / "elsewhere"
+    (venv / "tmp").mkdir(parents=True)
+    elsewhere.mkdir()
+    monkeypatch.setenv("VIRTUAL_ENV", str(venv))
+    monkeypatch.setattr(tempfile, "tempdir", str(venv / "tmp"))
+    assert local_temp_dir() == "/tmp/ray"
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
+    assert local_temp_dir() == str(elsewhere / "ray")
+    monkeypatch.delenv("VIRTUAL_ENV")
+    monkeypatch.setattr(tempfile, "tempdir", str(venv / "tmp"))
+    assert local_temp_dir() == str(venv / "tmp" / "ray")
