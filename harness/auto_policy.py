@@ -132,15 +132,17 @@ def model_spec(model_dir: str | os.PathLike):
 
 def plan(model_dir, prompt_len: int, gen_len: int, num_seqs: int | None = None, base=None,
          limits: Limits | None = None, hardware: str | None = None, compress: list | None = None,
-         batch_sizes: list[int] | None = None, num_batches: list[int] | None = None, offload_dir: str | None = None):
-    """A `runtime.policy_search.Plan` for generating on this checkpoint; memory limits are honoured."""
+         batch_sizes: list[int] | None = None, num_batches: list[int] | None = None, offload_dir: str | None = None,
+         scoring: bool = False):
+    """A `runtime.policy_search.Plan` for generating on this checkpoint (`scoring`: for scoring prompts, which
+    keeps no KV cache); memory limits are honoured."""
     from runtime.cost_model import Workload
     from runtime.errors import InputError
     from runtime.policy_search import search
     from runtime.weights import weight_levels
 
     try:
-        work = Workload(prompt_len, gen_len, num_seqs)
+        work = Workload(prompt_len, gen_len, num_seqs, scoring)
     except ValueError as e:
         raise InputError(str(e)) from None
     hw = hardware_for(hardware, limits, offload_dir)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from harness import atomic, memory_watch
+from runtime.cost_model import Workload
 from runtime.errors import PolicyError
 
 DEFAULT_QUANT_AXIS = "input"
@@ -94,19 +95,12 @@ def default_batch_size(variant) -> int:
     return Policy.from_json(policy_fields(variant, None)).block_size
 
 
-@dataclass(frozen=True)
-class Workload:
-    """The longest request of a run, which the plan must hold: prompt tokens and tokens generated."""
-
-    prompt_len: int
-    gen_len: int
-
 
 def run_workload(model_dir: str, requests: list) -> Workload | None:
     """The workload of HELM `requests` on the model in `model_dir`: its longest prompt in the model's tokens
     (with the special tokens the backend puts before it) and the most tokens any request generates, within
-    the model's positions (None without requests). One batched call into the fast tokenizer: a second or so
-    for all of LAMBADA."""
+    the model's positions (None without requests); a scoring workload when none of them generates. One batched
+    call into the fast tokenizer: a second or so for all of LAMBADA."""
     if not requests:
         return None
     from harness import auto_policy
@@ -117,7 +111,8 @@ def run_workload(model_dir: str, requests: list) -> Workload | None:
     longest = max(map(len, tokenizer([r.prompt for r in requests], add_special_tokens=False)["input_ids"]))
     positions = auto_policy.model_spec(model_dir).max_positions
     gen = min(max(1, max(r.max_tokens for r in requests)), positions // 2)
-    return Workload(min(longest + len(default_prefix(tokenizer)), positions - gen), gen)
+    scoring = all(r.max_tokens == 0 for r in requests)  # the backend scores these: no KV cache is kept
+    return Workload(min(longest + len(default_prefix(tokenizer)), positions - gen), gen, scoring=scoring)
 
 
 def resolve_policy(run, requests: list | None = None, ram_limit: int | None = None) -> ResolvedPolicy:
@@ -177,7 +172,8 @@ def plan_auto(model_path: str, fields: dict, memory: dict, workload: Workload | 
             plans.append(auto_policy.plan(
                 model_path, prompt_len, gen, num_seqs=base.block_size, base=base,
                 limits=auto_policy.Limits(**memory), batch_sizes=[g],
-                num_batches=[base.block_size // g], compress=[(base.compress_weight, base.compress_cache)]))
+                num_batches=[base.block_size // g], compress=[(base.compress_weight, base.compress_cache)],
+                scoring=workload.scoring))
         except PolicyError as e:  # this shape does not fit: another may
             error = e
     if not plans:
@@ -187,7 +183,8 @@ def plan_auto(model_path: str, fields: dict, memory: dict, workload: Workload | 
     pred = plan.prediction
     prediction = {"throughput": pred.throughput, "prefill_s": pred.prefill_s, "decode_s": pred.decode_s,
                   "memory": pred.memory, "bottleneck": pred.bottleneck, "binding": plan.binding,
-                  "workload": {"prompt_len": prompt_len, "gen_len": gen, "num_seqs": base.block_size}}
+                  "workload": {"prompt_len": prompt_len, "gen_len": gen, "num_seqs": base.block_size,
+                               "scoring": workload.scoring}}
     return ResolvedPolicy(policy, "auto", "auto: planner", prediction, time.perf_counter() - started)
 
 

@@ -87,6 +87,9 @@ class Workload:
     gen_len: int
     num_seqs: int | None = None
     """None: as many as one block holds (FlexGen's throughput setting)."""
+    scoring: bool = False
+    """The prompts are only scored (`Engine.score`, `score_rolling`): one prefill pass that keeps no KV cache
+    and runs the head at every position; `gen_len` is then 1."""
 
     def __post_init__(self) -> None:
         for name in ("prompt_len", "gen_len"):
@@ -94,6 +97,14 @@ class Workload:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_seqs is not None and self.num_seqs < 1:
             raise ValueError(f"num_seqs must be >= 1, got {self.num_seqs}")
+        if self.scoring and self.gen_len != 1:
+            raise ValueError(f"a scoring workload generates nothing: gen_len must be 1, got {self.gen_len}")
+
+    def covers(self, need: Workload) -> bool:
+        """Whether a policy planned for this workload also provisions `need` (prompts as long, as many new
+        tokens, and a KV cache where `need` keeps one)."""
+        return (self.prompt_len >= need.prompt_len and self.gen_len >= need.gen_len
+                and (need.scoring or not self.scoring))
 
 
 @dataclass(frozen=True)
@@ -248,7 +259,8 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
     h, nh, hd, V = model.hidden_size, model.num_heads, model.head_dim, model.vocab_size
     x = fractions(policy)
     offload_w = assume_offload or x["wd"] > 0
-    offload_c = assume_offload or x["cd"] > 0 or (acc and not policy.cpu_attention and x["cc"] > 0)
+    keeps_cache = not work.scoring
+    offload_c = keeps_cache and (assume_offload or x["cd"] > 0 or (acc and not policy.cpu_attention and x["cc"] > 0))
 
     # Bytes per layer of the weights in each tier's stored form (`weight_bytes`).
     qw = policy.compress_weight
@@ -276,7 +288,7 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
     elif not kernel:
         convert = Lin.of(_per(z.matrix_params, hw.dequantize))
     calls = Lin.of(nb * cal.call_overhead_s)
-    cache_codec = 0.0 if policy.compress_cache is None else 1.0
+    cache_codec = 0.0 if policy.compress_cache is None or not keeps_cache else 1.0
     kvv = kv_values_per_token(model)
 
     def attention_decode() -> Lin:
@@ -284,7 +296,7 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
         off = hw.cpu_attention if (acc and policy.cpu_attention) else hw.attention_decode
         return Lin.of(cg=_per(flops, hw.attention_decode), cc=_per(flops, off), cd=_per(flops, off))
 
-    prefill_flops = gemm(g * s, z.flops_per_token, g)
+    prefill_flops = gemm(g * s, z.flops_per_token, g * s if work.scoring else g)  # scoring: the head everywhere
     attn_p = _per(attention_flops(model, B, s, s), hw.attention_prefill)
     quant_p = _per(cache_codec * B * s * kvv, hw.dequantize)
     compute_p = (Lin.of(prefill_flops + attn_p + quant_p) + convert) * cal.compute + calls
@@ -294,7 +306,7 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
 
     # I/O per layer (FlexGen A.3): weights, cache and activations crossing each link.
     act = {"prefill": B * s * h * cdt_bytes, "decode": B * h * cdt_bytes}
-    kv_new = {"prefill": B * s * z.kv_token, "decode": B * z.kv_token}
+    kv_new = {"prefill": B * s * z.kv_token * keeps_cache, "decode": B * z.kv_token}
     io = cal.io
     time: dict[str, dict[str, Lin]] = {}
     for phase, compute in (("prefill", compute_p), ("decode", compute_g)):
@@ -315,12 +327,15 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
         time[phase] = t
 
     # Peak memory per tier: homes of weights, cache and activations, plus one micro-batch's working set.
-    cache_home = nl * B * (s + n) * z.kv_token
+    cache_home = nl * B * (s + n) * z.kv_token * keeps_cache
     memory: dict[str, dict[str, Lin]] = {}
     for phase in PHASES:
         rows = g * s if phase == "prefill" else g
-        keys = s if phase == "prefill" else s + n
-        working = cdt_bytes * (rows * working_width(model) + g * nh * (s if phase == "prefill" else 1) * keys)
+        working = cdt_bytes * rows * working_width(model)
+        if phase == "prefill":  # the block's (B, 1, s, s) boolean masks; SDPA tiles the scores, never all at once
+            working += B * s * s
+        else:  # a micro-batch's scores over its keys
+            working += cdt_bytes * g * nh * (s + n)
         working += 2 * B * V * 4  # fp32 logits of the block's last positions and the sampler's copy
         if cache_codec:
             working += g * (s + n) * kvv * cdt_bytes  # one micro-batch's cache dequantized for attention

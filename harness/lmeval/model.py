@@ -35,8 +35,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from harness.policies import ResolvedPolicy, Workload, policy_fields, read_policy_json, variant_policy
+from harness.policies import ResolvedPolicy, policy_fields, read_policy_json, variant_policy
 from harness.suite import Compression, Variant
+from runtime.cost_model import Workload
 from runtime.errors import InputError, PolicyError
 
 DEFAULT_BLOCK = 32
@@ -137,7 +138,7 @@ class FlexhelmLM(TemplateLM):
             contexts.append(whole[:-len(cont)])
             conts.append(list(cont))
         lengths = [len(c) + len(x) - 1 for c, x in zip(contexts, conts)]
-        out = self._call("loglikelihood", lengths, 1, disable_tqdm, lambda engine, idx: engine.score(
+        out = self._call("loglikelihood", lengths, 0, disable_tqdm, lambda engine, idx: engine.score(
             [contexts[i] for i in idx], [conts[i] for i in idx]).scores)
         results = [(s.logprob, s.is_greedy) for s in out]
         for (key, _, _), r in zip(requests, results):
@@ -148,7 +149,7 @@ class FlexhelmLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         streams = [self.tok_encode(string) for (string,) in (r.args for r in requests)]
         window = self.max_length
-        out = self._call("loglikelihood_rolling", [min(window, len(t)) for t in streams], 1, disable_tqdm,
+        out = self._call("loglikelihood_rolling", [min(window, len(t)) for t in streams], 0, disable_tqdm,
                          lambda engine, idx: engine.score_rolling([streams[i] for i in idx], window=window,
                                                                   stride=window,
                                                                   prefix_token_id=self.prefix_token_id).token_logprobs)
@@ -200,10 +201,11 @@ class FlexhelmLM(TemplateLM):
     # ---- the engine -----------------------------------------------------------------------------------
     def _call(self, what: str, lengths: list[int], gen_len: int, disable_tqdm: bool, run: Callable) -> list:
         """`run(engine, indices)` over all items, longest first, a few blocks per engine call so that the progress
-        bar moves (each call still sorts its items by length into blocks); results in the items' order."""
+        bar moves (each call still sorts its items by length into blocks); results in the items' order. `gen_len`
+        0: the items are only scored."""
         if not lengths:
             return []
-        engine = self._engine_for(Workload(max(lengths), gen_len), len(lengths))
+        engine = self._engine_for(Workload(max(lengths), max(1, gen_len), scoring=gen_len == 0), len(lengths))
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         step = engine.policy.block_size * CALL_BLOCKS
         out: list = [None] * len(lengths)
@@ -219,8 +221,7 @@ class FlexhelmLM(TemplateLM):
         """The engine, loaded (again) when the requests at hand need a longer workload than its policy was
         planned for; an explicit policy is loaded once."""
         planned = self._workload
-        if self.engine is not None and (self.variant.policy != "auto" or (
-                planned.prompt_len >= need.prompt_len and planned.gen_len >= need.gen_len)):
+        if self.engine is not None and (self.variant.policy != "auto" or planned.covers(need)):
             return self.engine
         resolved = self._resolve(need, n)
         if self.engine is None or resolved.policy != self.engine.policy:

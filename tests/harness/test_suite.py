@@ -207,8 +207,10 @@ def test_auto_policy_plans_for_the_runs_own_requests(tmp_path, tiny_opt, monkeyp
     requests = [SimpleNamespace(prompt=p, max_tokens=n) for p, n in zip(prompts, (0, 3, 5))]
     longest = len(load_tokenizer(folder)(prompts[1])["input_ids"])  # OPT's tokenizer puts </s> first
     assert run_workload(str(folder), requests) == Workload(longest, 5) and run_workload(str(folder), []) is None
+    scored = [SimpleNamespace(prompt=p, max_tokens=0) for p in prompts]  # HELM's echo requests: the backend scores
+    assert run_workload(str(folder), scored) == Workload(longest, 1, scoring=True)
     short, full = resolve_policy(run, requests), resolve_policy(run)
-    assert short.prediction["workload"] == {"prompt_len": longest, "gen_len": 5, "num_seqs": 4}
+    assert short.prediction["workload"] == {"prompt_len": longest, "gen_len": 5, "num_seqs": 4, "scoring": False}
     assert full.prediction["workload"]["prompt_len"] + full.prediction["workload"]["gen_len"] == \
         model.config.max_position_embeddings
     assert full.policy.weights.disk > short.policy.weights.disk  # the short requests' cache leaves more RAM

@@ -126,3 +126,22 @@ def test_cpu_casts_inside_the_matmul_and_holds_a_block_not_a_layer():
     fp32 = opt("1.3b", dtype="float32")
     gpu = [predict(hardware(), fp32, WORK, Policy(gpu_batch_size=8, weights=Placement(0.0, p))) for p in (1.0, 0.0)]
     assert gpu[1].terms["decode"]["compute"] > gpu[0].terms["decode"]["compute"]
+
+
+def test_a_scoring_workload_keeps_no_cache_and_runs_the_head_at_every_position():
+    """Scoring (`Engine.score`, `score_rolling`) is one prefill that keeps no KV cache: wherever the policy puts
+    the cache, it costs no memory and no disk writes; the head's FLOPs count at every position, not the last."""
+    hw, model = cpu_hardware(device_mem=1000 * GiB), opt("1.3b")
+    on_disk = Policy(gpu_batch_size=8, num_gpu_batches=4, cache=Placement(0.0, 0.0))
+    gen = predict(hw, model, Workload(2000, 1, 32), on_disk)
+    score = predict(hw, model, Workload(2000, 1, 32, scoring=True), on_disk)
+    assert gen.memory["disk"] > 12 * GiB and score.memory["disk"] == 0
+    assert gen.terms["prefill"]["disk_write"] > 0 and score.terms["prefill"]["disk_write"] == 0
+    head = 2 * model.hidden_size * model.vocab_size * 32 * 1999 / model.num_layers  # FLOPs, spread over the layers
+    extra = score.terms["prefill"]["compute"] - gen.terms["prefill"]["compute"]
+    assert extra == pytest.approx(head / hw.matmul_rate("float32", 8 * 2000), rel=0.01)
+    with pytest.raises(ValueError, match="gen_len must be 1"):
+        Workload(2000, 4, 32, scoring=True)
+    long_gen, long_score = Workload(2000, 8), Workload(4000, 1, scoring=True)
+    assert long_gen.covers(Workload(100, 1, scoring=True)) and not long_score.covers(Workload(100, 1))
+    assert not long_gen.covers(long_score) and long_score.covers(Workload(4000, 1, scoring=True))

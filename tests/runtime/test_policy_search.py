@@ -108,3 +108,15 @@ def test_compression_is_chosen_only_when_offered():
     plan = search(hw, opt("6.7b"), WORK, compressions=both)
     assert plan.policy.compress_weight is not None  # 4-bit weights fit the device; fp16 ones spill
     assert dataclasses.asdict(plan.policy)["weights"]["device"] == 1.0
+
+
+def test_a_scoring_plan_keeps_no_cache_on_disk():
+    """WikiText's 2k-token windows in blocks of 32 on opt-1.3b: generating them needs a 13 GB KV cache, which an
+    8 GiB machine puts on disk; scoring them keeps none, so the plan holds the weights and nothing goes to disk."""
+    hw = cpu_hardware(device_mem=8 * GiB)
+    shape = dict(batch_sizes=[8], num_batches=[4])
+    gen = search(hw, opt("1.3b"), Workload(2000, 1, 32), **shape)
+    score = search(hw, opt("1.3b"), Workload(2000, 1, 32, scoring=True), **shape)
+    assert gen.policy.cache.disk > 0.5 and gen.prediction.memory["disk"] > 0
+    assert score.prediction.memory["disk"] == 0 and score.policy.weights.device == 1.0
+    assert score.policy.cache.device == 1.0  # nothing to place: the tie goes to the device
