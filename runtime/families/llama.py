@@ -24,10 +24,12 @@ def build_layers(spec: ModelSpec) -> list:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF's LlamaRMSNorm: normalized in fp32, cast back to x's dtype, then scaled."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+    """HF's LlamaRMSNorm, written as HF writes it: normalized in fp32, cast back to x's dtype, then scaled.
+    Not `F.rms_norm`: on the CPU (torch 2.13) its kernel took 4.7-9.1 ms on (4, 1024, 576) fp32 against 1.6-1.7
+    for these three ops, with equal results; 12% of a SmolLM2 scoring pass."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., d)
+    return weight * h.to(x.dtype)
 
 
 class Embedding(ShapedLayer):
