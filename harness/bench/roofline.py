@@ -37,7 +37,7 @@ from runtime.shapes import attention_flops, kv_values_per_token, shapes
 from runtime.spec import ModelSpec
 
 _FP32 = 4  # bytes
-_STORED = 2  # bytes of a weight: benchmark models are stored fp16 (models.py)
+_STORED = 2  # bytes of a weight: benchmark models are stored fp16 (harness/planning/random_models.py)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from helm.benchmark.scenarios.scenario import Input, Instance  # noqa: E402
 from helm.common.authentication import Authentication  # noqa: E402
 from helm.common.request import Request, RequestResult  # noqa: E402
 
-from harness.helm_client import BatchCollector, BatchExecutor, FlexhelmClient  # noqa: E402
+from harness.helm.client import BatchCollector, BatchExecutor, FlexhelmClient  # noqa: E402
 
 
 def fake_process(calls):
@@ -94,7 +94,7 @@ def test_batch_executor_hands_a_run_over_at_once(tiny_opt, tmp_path, monkeypatch
     folder, _ = tiny_opt()
     name = "flexhelm/executor-test"
     register_model_deployment(ModelDeployment(name=name, client_spec=ClientSpec(
-        "harness.helm_client.FlexhelmClient", {"model_dir": str(folder), "max_batch": 5})))
+        "harness.helm.client.FlexhelmClient", {"model_dir": str(folder), "max_batch": 5})))
     client = FlexhelmClient(str(folder))
     engine_calls = []
     score = client.backend.engine.score

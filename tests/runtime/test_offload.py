@@ -88,27 +88,6 @@ def test_cuts_between_tensors_split_the_layers_in_proportion():
     assert qkv.count(Tier.DEVICE) == 12 and Tier.DEVICE in qkv[:2] and Tier.DEVICE in qkv[-2:]
 
 
-def test_fit_fraction_fills_the_budget(tiny_opt, tmp_path):
-    """The fraction W2 and W3 run at keeps at most the budget resident, and the next level would not fit."""
-    from harness.auto_policy import model_spec
-    from harness.bench.budget import fit_fraction
-    from runtime.weights import weight_levels
-
-    path, _ = tiny_opt("pre")
-    levels = weight_levels(model_spec(path))
-
-    def resident(f: float) -> int:
-        engine = Engine(path, Policy(weights=Placement(f, 0)), offload_dir=tmp_path)
-        engine.close()
-        return engine.weights.nbytes
-
-    tables = resident(0.0)  # the embedding tables, kept in memory whatever the placement
-    assert fit_fraction(path, tables - 1) == 0.0
-    for budget in (tables, tables + 50_000, tables + 100_000):
-        f = fit_fraction(path, budget)
-        assert resident(f) <= budget < resident(min(lv for lv in levels if lv > f)), budget
-
-
 def test_tables_and_head_stay_in_memory_when_the_weights_go_to_disk(tiny_opt, tmp_path):
     """The tied head reads the whole embedding table every step: staged from disk it would take as much RAM as
     keeping it, and a read per step (twice, into both staging slots, before this rule)."""

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import auto_policy
-from harness.token_text import Rendered, TokenTexts, cut_at_stops, truncate
+from harness.helm.token_text import Rendered, TokenTexts, cut_at_stops, truncate
+from harness.planning import auto_policy
 from runtime.results import CallStats
 
 FINISH_REASONS = {"eos": "endoftext", "stop": "stop", "length": "length"}  # runtime -> HELM's names
@@ -294,7 +294,7 @@ def policy_from(value, model_dir: str | os.PathLike | None = None):
             raise PolicyError("the auto policy is planned for a model: pass its folder")
         return auto_policy.plan_for_helm(model_dir)
     if isinstance(value, (str, os.PathLike)):
-        from harness.policies import read_policy_json
+        from harness.planning.policies import read_policy_json
 
         value = read_policy_json(str(value))
     if not isinstance(value, dict):
