@@ -16,19 +16,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from helm.benchmark.adaptation.request_state import RequestState
 from helm.benchmark.adaptation.scenario_state import ScenarioState
-from helm.benchmark.executor import ExecutionSpec, Executor, ExecutorError
+from helm.benchmark.executor import ExecutionSpec, Executor
 from helm.benchmark.model_deployment_registry import get_model_deployment
 from helm.benchmark.runner import Runner
 from helm.clients.client import Client
 from helm.common.general import parallel_map
-from helm.common.hierarchical_logger import hlog, hwarn
-from helm.common.request import GeneratedOutput, Request, RequestResult
+from helm.common.hierarchical_logger import hlog
+from helm.common.request import Request, RequestResult
 
-from harness.helm.backend import RuntimeBackend, get_backend
+from harness.helm.backend import RuntimeBackend, get_backend, with_result
 
 CLIENT_CLASS = "harness.helm.client.FlexhelmClient"
 DEFAULT_MAX_BATCH = 256
@@ -173,17 +172,6 @@ class BatchExecutor(Executor):
             hlog(f"flexhelm: {len(indices)} requests to {name} in batches of up to {chunk}")
         return ScenarioState(adapter_spec=scenario_state.adapter_spec, request_states=states,
                              annotator_specs=scenario_state.annotator_specs)
-
-
-def with_result(state: RequestState, result: RequestResult) -> RequestState:
-    """HELM's `Executor.process` rule for failures, applied to a result we already have."""
-    if not result.success:
-        if result.error_flags and not result.error_flags.is_fatal:
-            hwarn(f"Non-fatal error treated as empty completion: {result.error}")
-            result.completions = [GeneratedOutput(text="", logprob=0, tokens=[])]
-        else:
-            raise ExecutorError(f"{result.error} Request: {state.request}")
-    return replace(state, result=result)
 
 
 class BatchRunner(Runner):

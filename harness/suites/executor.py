@@ -72,7 +72,7 @@ class LocalExecutor:
 
     def execute(self, job: ExecutionJob, states: list, cache: RequestCache,
                 on_batch: Callable[[BatchDone], None]) -> tuple[list, ExecutionReport]:
-        from harness.helm.client import with_result
+        from harness.helm.backend import with_result
 
         policy_json = job.policy.to_json()
         keys = [request_key(job.model_identity, policy_json, s.request) for s in states]
