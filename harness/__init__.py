@@ -1,1 +1,3 @@
-"""flexhelm's harness: CLI, suites, runner, reports and benchmarks. Importing it stays cheap (no torch)."""
+"""flexhelm's harness: the command line (`cli`, `suite_cli`, `plan_cli`) over policies (`planning/`), the bridge to
+HELM (`helm/`), suites and their runner (`suites/`), reports (`reports/`) and lm-eval (`lmeval/`); the benchmarks
+(`bench/`) use these and nothing here uses them. Importing it stays cheap (no torch)."""

@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from harness import auto_policy, plan_cli, suite_cli
+from harness import plan_cli, suite_cli
+from harness.planning import auto_policy
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -16,7 +17,7 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 def _policy(args: argparse.Namespace, prompt_lens: list[int] | None = None):
     """The Policy from --policy (file or inline JSON, or `auto`: planned), then --percent and the single flags
     on top. Without --policy and --percent: `$FLEXHELM_DEFAULT_POLICY`, by default `auto`."""
-    from harness.policies import read_policy_json
+    from harness.planning.policies import read_policy_json
     from runtime.errors import PolicyError
     from runtime.policy import Placement, Policy
 
@@ -141,18 +142,18 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from harness.bench import run  # the benchmarks load only for this command: the product does not need them
-    from harness.bench.workloads import BY_NAME, W4_SETUPS
+    from harness import bench  # the benchmarks load only for this command: the product does not need them
 
-    if args.name not in BY_NAME:
-        print(f"flexhelm: error: unknown benchmark {args.name!r}; known: {', '.join(sorted(BY_NAME))}",
+    if args.name not in bench.WORKLOADS:
+        print(f"flexhelm: error: unknown benchmark {args.name!r}; known: {', '.join(sorted(bench.WORKLOADS))}",
               file=sys.stderr)
         return 2
-    bad = sorted(set(args.setup) - set(W4_SETUPS))
+    setups = bench.workloads.W4_SETUPS
+    bad = sorted(set(args.setup) - set(setups))
     if bad:
-        print(f"flexhelm: error: --setup {bad[0]!r}: W4's setups are {', '.join(W4_SETUPS)}", file=sys.stderr)
+        print(f"flexhelm: error: --setup {bad[0]!r}: W4's setups are {', '.join(setups)}", file=sys.stderr)
         return 2
-    run(args.name, out_dir=Path(args.out), quick=args.quick, setups=tuple(args.setup))
+    bench.run(args.name, out_dir=Path(args.out), quick=args.quick, setups=tuple(args.setup))
     return 0
 
 

@@ -7,8 +7,8 @@ import argparse
 import json
 import sys
 
-from harness import auto_policy
-from harness.calibrate import FIT_MODEL, FIT_MODELS
+from harness.planning import auto_policy
+from harness.planning.calibrate import FIT_MODEL, FIT_MODELS
 
 _GiB = 2**30
 
@@ -66,7 +66,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     log = lambda s: print(s, file=sys.stderr)
     hw = profile(args.offload_dir, log=log)
     if args.fit:
-        from harness.calibrate import fit
+        from harness.planning.calibrate import fit
 
         hw = fit(hw, model=args.fit_model, log=log)
     path = hw.save(args.out or cached_path())

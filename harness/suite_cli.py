@@ -44,8 +44,8 @@ def add_commands(sub) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.runner import SuiteRunner, helm_run_specs
-    from harness.suite import load_suite
+    from harness.suites.runner import SuiteRunner, helm_run_specs
+    from harness.suites.suite import load_suite
 
     if args.max_instances is not None and args.max_instances < 1:
         print("flexhelm: error: --max-instances must be >= 1", file=sys.stderr)
@@ -62,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("flexhelm: error: --max-retries and --gpus-per-run must be >= 0, --cpus-per-run >= 1", file=sys.stderr)
         return 2
     if args.executor == "ray":
-        from harness.ray_runner import RayOptions, RayRunner, import_ray
+        from harness.suites.ray_runner import RayOptions, RayRunner, import_ray
 
         import_ray()  # a missing Ray is one line now, not after the suite has been read and checked
     suite = load_suite(args.suite, max_instances=args.max_instances)
@@ -123,7 +123,7 @@ def _sigterm_interrupts():
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness.report import build_report, comparison, save_report, show
+    from harness.reports.report import build_report, comparison, save_report, show
 
     suite_dir = Path(args.suite_dir)
     frame = build_report(suite_dir)
@@ -137,8 +137,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from harness.plot import plot_suite
-    from harness.report import build_report, comparison
+    from harness.reports.plot import plot_suite
+    from harness.reports.report import build_report, comparison
 
     suite_dir = Path(args.suite_dir)
     frame = build_report(suite_dir)

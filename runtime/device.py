@@ -42,7 +42,8 @@ def native_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def _read_status(field: str) -> int | None:
+def read_status(field: str) -> int | None:
+    """Bytes of a `/proc/self/status` field such as `VmHWM` (peak RSS) or `VmRSS`; None where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -69,7 +70,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def read(self) -> dict[str, int]:
-        host = _read_status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        host = read_status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         peaks = {"host": host}
         if self.device.type == "cuda":
             peaks["device"] = torch.cuda.max_memory_allocated(self.device)

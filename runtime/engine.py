@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 import weakref
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -64,6 +65,8 @@ class Engine:
         self.pad_id = self.spec.pad_token_id if self.spec.pad_token_id is not None else 0
         self.rotary = Rotary(self.spec.rope, self.spec.head_dim, self.device) if self.spec.rope else None
         self._memory = PeakMemory(self.device)
+        self.calls: Counter[tuple[str, int]] = Counter()
+        """Calls that returned so far, by (method, rows): a `generate` of 8 prompts counts 1 at ("generate", 8)."""
 
     def close(self) -> None:
         """Remove this engine's scratch files and stop its I/O threads (also done when it is collected)."""
@@ -103,6 +106,7 @@ class Engine:
         for c in checkers:
             generations.append(Generation(c.ids, c.logprobs, c.reason or "length"))
         emitted = sum(c.emitted for c in checkers)
+        self.calls["generate", len(prompts)] += 1
         return GenerateResult(generations, self._stats(timer, sum(map(len, prompts)), emitted))
 
     def trace_logits(self, prompts: Sequence[Sequence[int]], forced: Sequence[Sequence[int]]) -> list[torch.Tensor]:
@@ -178,6 +182,7 @@ class Engine:
         self._memory.reset()
         per_token, greedy = self._score_items(list(contexts), list(continuations), timer)
         scores = [Score(sum(lp), g, lp) for lp, g in zip(per_token, greedy)]
+        self.calls["score", len(contexts)] += 1
         return ScoreResult(scores, self._stats(timer, sum(len(c) + len(x) for c, x in zip(contexts, continuations)), 0))
 
     def score_rolling(self, streams: Sequence[Sequence[int]], window: int | None = None, stride: int | None = None,
@@ -213,6 +218,7 @@ class Engine:
             per_token, _ = self._score_items(contexts, conts, timer)
             for i, lp in zip(owner, per_token):
                 out[i].extend(lp)
+        self.calls["score_rolling", len(streams)] += 1
         return RollingResult(out, self._stats(timer, sum(map(len, streams)), 0))
 
     def _score_items(self, contexts: list, continuations: list, timer: _Timer) -> tuple[list[list[float]], list[bool]]:

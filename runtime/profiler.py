@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from runtime.device import _read_status, native_bf16
+from runtime.device import native_bf16, read_status
 from runtime.hardware import HardwareSpec, machine_key
 
 _GEMM_K, _GEMM_N = 2048, 8192  # opt-1.3b's fc1: weights of 64 MiB in fp32, well beyond the caches
@@ -134,7 +134,7 @@ def profile(offload_dir: str | os.PathLike | None = None, log: Callable[[str], N
     folder = Path(offload_dir).expanduser() if offload_dir else default_offload_dir()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else torch.device("cpu")
-    base_mem = _read_status("VmRSS") or 0  # the interpreter with torch loaded: every run pays it
+    base_mem = read_status("VmRSS") or 0  # the interpreter with torch loaded: every run pays it
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     what = "CUDA " + torch.cuda.get_device_name() if cuda else "the CPU"
     log(f"measuring {what} ({torch.get_num_threads()} threads)")

@@ -249,15 +249,25 @@ class WeightStore:
         self._pending[index] = (pending, staged, slot)
 
     def fetch_ahead(self, index: int, stop: int, wrap: bool) -> dict[str, torch.Tensor]:
-        """`fetch(index)` after starting the reads of the next `depth` layers with disk weights below `stop`,
-        and with `wrap` (a pass over every layer) past the last one the next pass's first ones: asked for before
-        layer `index` is fetched, so the disk does not idle while it converts. Layers without disk weights are
-        skipped, so the reads run on through the head and the embedding from one decode step into the next."""
-        ahead = [j for j in self._disk_layers if index < j < stop] + (
-            [j for j in self._disk_layers if j < index] if wrap else [])
-        for j in ahead[:self.depth]:
+        """`fetch(index)` after starting the reads of the layers `read_ahead` names: asked for before layer
+        `index` is fetched, so the disk does not idle while it converts."""
+        for j in self.read_ahead(index, stop, wrap):
             self.prefetch(j)
         return self.fetch(index)
+
+    def read_ahead(self, index: int, stop: int, wrap: bool) -> list[int]:
+        """The layers whose reads `fetch_ahead(index, stop, wrap)` starts: the next `depth` layers with disk weights
+        below `stop`, and with `wrap` (a pass over every layer) past the last one the next pass's first ones.
+        Layers without disk weights are skipped, so the reads run on through the head and the embedding from one
+        decode step into the next."""
+        ahead = [j for j in self._disk_layers if index < j < stop] + (
+            [j for j in self._disk_layers if j < index] if wrap else [])
+        return ahead[:self.depth]
+
+    @property
+    def in_flight(self) -> list[int]:
+        """The layers whose disk reads are started and not fetched yet, in layer order."""
+        return sorted(self._pending)
 
     def fetch(self, index: int) -> dict[str, torch.Tensor]:
         """Layer `index`'s weights in the compute dtype on the device (matrices possibly as `CastWeight`s);

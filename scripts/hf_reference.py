@@ -64,7 +64,7 @@ def _model(folder: str, bits: int | None, group: int | None):
 
 def _prompt_ids(tok, states: list[dict]) -> list[list[int]]:
     """Each request's prompt as the backend tokenizes it: the tokens the tokenizer puts first, then the text."""
-    from harness.backend import default_prefix
+    from harness.helm.backend import default_prefix
 
     prefix = default_prefix(tok)
     return [prefix + tok(s["request"]["prompt"], add_special_tokens=False)["input_ids"] for s in states]
@@ -129,7 +129,7 @@ def compare_run(run_dir: Path, batch: int = 16, every: int = 1) -> dict:
     """The run's figures from HF's answers beside the harness's, and the agreement of the answers; with `every`
     > 1, LAMBADA is compared on every `every`-th passage (the harness's figure over the same passages, from its
     per-instance stats)."""
-    from harness.paired import instance_terms, value_over
+    from harness.reports.paired import instance_terms, value_over
     from scenarios.lambada_metrics import covering_suffix
     from scenarios.wikitext_metrics import count_words
 
@@ -214,7 +214,7 @@ def compare_run(run_dir: Path, batch: int = 16, every: int = 1) -> dict:
 
 def _non_canonical(tok, state: dict) -> bool:
     """Whether the greedy output spells the LAMBADA target with other tokens than the tokenizer's encoding of it."""
-    from harness.token_text import TokenTexts
+    from harness.helm.token_text import TokenTexts
 
     canonical = tok(" " + state["instance"]["references"][0]["output"]["text"], add_special_tokens=False)["input_ids"]
     texts = TokenTexts(tok)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 def main(lm_eval_dir: str, suite_dir: str) -> None:
     import hf_reference
 
-    from harness.paired import instance_terms
+    from harness.reports.paired import instance_terms
     from runtime.checkpoint import load_tokenizer
 
     samples_file = next(Path(lm_eval_dir).rglob("samples_lambada*.jsonl"))

@@ -199,3 +199,16 @@ def build_gguf(out: Path, model_dir: Path, matrix_type: str = "F32", arch: str =
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def with_eos(folder: Path, out: Path, eos: tuple[int, ...]) -> Path:
+    """A copy of the checkpoint in `folder` at `out` whose EOS tokens are `eos` (config.json and
+    generation_config.json): the same weights, stopping at other tokens."""
+    import json
+
+    shutil.copytree(folder, out)
+    for name in ("config.json", "generation_config.json"):
+        file = out / name
+        if file.is_file():
+            file.write_text(json.dumps({**json.loads(file.read_text()), "eos_token_id": list(eos)}))
+    return out

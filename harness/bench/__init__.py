@@ -17,7 +17,8 @@ from harness.bench.workloads import BY_NAME
 
 WORKLOADS: dict[str, str] = {name: w.description for name, w in BY_NAME.items()}
 
-# Benchmarks never download: the models are built locally (models.py). Set before transformers loads.
+# Benchmarks never download: the models are built locally (harness/planning/random_models.py). Set before
+# transformers loads.
 _OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 

@@ -1,11 +1,9 @@
 """Runs under a RAM budget for the whole process (W1c, W4): each engine in a fresh worker process.
 
-A fresh process per run makes its peak RSS (VmHWM: interpreter, torch, model and the call) its own,
-which is what a budget for "the whole process" bounds. Ours counts its load too; HF's count starts after
-`from_pretrained`, whose transient fp16 + fp32 copies of the checkpoint an fp32 checkpoint would avoid.
-The model's and offload folder's pages are evicted before every run, so a policy that reads weights from
-disk is timed reading the disk. Ours runs `Engine.generate` on the whole prompt list (the engine cuts it
-into blocks); HF runs `generate` on consecutive chunks of `batch` prompts, timed by wall clock as a whole.
+Ours is timed as `flexhelm profile --fit` times it (`harness.planning.measure`: a fresh process whose peak RSS,
+load included, is its own, the model's pages evicted first). HF's count starts after `from_pretrained`, whose
+transient fp16 + fp32 copies of the checkpoint an fp32 checkpoint would avoid; HF runs `generate` on consecutive
+chunks of `batch` prompts, timed by wall clock as a whole.
 """
 
 from __future__ import annotations
@@ -14,8 +12,8 @@ from pathlib import Path
 
 from harness.bench import w1
 from harness.bench.measure import Row
-from harness.bench.pagecache import evict
-from harness.bench.worker import Worker
+from harness.planning.measure import evict, measure_generate
+from harness.planning.worker import Worker
 
 _GiB = 2**30
 
@@ -23,7 +21,7 @@ _GiB = 2**30
 def plan_auto(path: Path, prompts: int, prompt_len: int, output_len: int, limit: int):
     """(the `auto` plan, the HardwareSpec it used): this machine's profile (measured once, cached) for a
     process of `limit` bytes."""
-    from harness.auto_policy import Limits, hardware_for, plan
+    from harness.planning.auto_policy import Limits, hardware_for, plan
     from runtime.policy import Policy
 
     limits = Limits(host=limit)
@@ -32,12 +30,10 @@ def plan_auto(path: Path, prompts: int, prompt_len: int, output_len: int, limit:
 
 def measure_ours(path: Path, policy, prompts: w1.Ids, n: int, offload: Path, label: str = "ours",
                  full_warm_up: bool = False) -> tuple[Row, int]:
-    """(timings, peak RSS bytes) of one greedy generate of exactly `n` tokens under `policy`, after an
-    untimed warm-up in the same process: one micro-batch, 2 tokens, or (`full_warm_up`, for runs so short
-    that first-use costs of kernel shapes would show) the very call that is then timed."""
-    evict([path, offload])
-    with Worker(label, preload=__name__) as worker:
-        return worker.call(_ours, path, policy, prompts, n, str(offload), label, full_warm_up)
+    """(timings, peak RSS bytes) of one greedy generate of exactly `n` tokens under `policy`
+    (`measure_generate`: its own process, after an untimed warm-up)."""
+    m = measure_generate(path, policy, prompts, n, offload, label, full_warm_up)
+    return Row(label, 0, m.wall_s, m.prefill_s, m.decode_s, m.tokens), m.peak_rss
 
 
 def measure_hf(path: Path, batch: int, prompts: w1.Ids, n: int) -> tuple[Row, int]:
@@ -47,31 +43,12 @@ def measure_hf(path: Path, batch: int, prompts: w1.Ids, n: int) -> tuple[Row, in
         return worker.call(_hf, path, batch, prompts, n)
 
 
-def _ours(state: dict, path: Path, policy, prompts: w1.Ids, n: int, offload: str, label: str,
-          full_warm_up: bool) -> tuple[Row, int]:
-    from runtime import Engine
-    from runtime.device import _read_status
-
-    engine = Engine(path, policy, offload_dir=offload)
-    try:
-        if full_warm_up:
-            engine.generate(prompts, n, stop_at_eos=False)
-        else:  # threads, first buffers
-            engine.generate(prompts[:policy.gpu_batch_size], 2, stop_at_eos=False)
-        load_peak = _read_status("VmHWM") or 0  # generate resets the peak: keep the load's
-        evict([path, Path(offload)])
-        row, _, peaks = w1.ours_generate(engine, prompts, n, 0)
-    finally:
-        engine.close()
-    return Row(label, 0, row.wall_s, row.prefill_s, row.decode_s, row.tokens), max(load_peak, peaks["host"])
-
-
 def _hf(state: dict, path: Path, batch: int, prompts: w1.Ids, n: int) -> tuple[Row, int]:
     import time
 
     import torch
 
-    from runtime.device import PeakMemory, _read_status
+    from runtime.device import PeakMemory, read_status
 
     model = w1.load_hf(path)
     chunks = [torch.tensor(prompts[i:i + batch]) for i in range(0, len(prompts), batch)]
@@ -82,7 +59,7 @@ def _hf(state: dict, path: Path, batch: int, prompts: w1.Ids, n: int) -> tuple[R
     t0 = time.perf_counter()
     tokens = sum(w1.hf_generate(model, ids, n)[:, ids.shape[1]:].numel() for ids in chunks)
     wall = time.perf_counter() - t0
-    return Row(f"hf-b{batch}", 0, wall, 0.0, wall, tokens), _read_status("VmHWM") or 0
+    return Row(f"hf-b{batch}", 0, wall, 0.0, wall, tokens), read_status("VmHWM") or 0
 
 
 def describe(row: Row, peak: int, budget: int) -> str:

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from harness.bench import w1, w2_engines
 from harness.bench.measure import Row
-from harness.bench.pagecache import MemoryCgroup, cached_bytes, evict, read_bytes
-from harness.bench.worker import Worker
+from harness.bench.pagecache import MemoryCgroup, cached_bytes, read_bytes
 from harness.bench.workloads import Workload
+from harness.planning.measure import evict
+from harness.planning.worker import Worker
 
 HEADROOM = 3 * 2**29
 """Memory a worker may add to what it holds after its warm-up: 1.5 GiB."""

@@ -1,5 +1,6 @@
-"""Keeping the page cache out of a disk benchmark: evict files' pages, count what is still cached, count
-what a process really read from the device, and bound a process's page cache with a memory cgroup.
+"""Keeping the page cache out of a disk benchmark (files' pages are evicted by `harness.planning.measure.evict`):
+count what is still cached, count what a process really read from the device, and bound a process's page cache
+with a memory cgroup.
 
 Linux only (`posix_fadvise`, `/proc/<pid>/io`, cgroups); elsewhere the checks report None and a
 benchmark says that its page-cache conditions are unverified.
@@ -13,29 +14,7 @@ import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
-
-def files_under(paths: Iterable[Path]) -> list[Path]:
-    """The regular files among `paths` and below the folders among them."""
-    out = []
-    for p in paths:
-        if p.is_dir():
-            out.extend(f for f in sorted(p.rglob("*")) if f.is_file())
-        elif p.is_file():
-            out.append(p)
-    return out
-
-
-def evict(paths: Iterable[Path]) -> None:
-    """Drop the clean cached pages of every file in `paths` (folders: every file below them)."""
-    for f in files_under(paths):
-        try:
-            fd = os.open(f, os.O_RDONLY)
-        except OSError:
-            continue  # removed meanwhile (scratch files)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+from harness.planning.measure import files_under
 
 
 def cached_bytes(paths: Iterable[Path]) -> int | None:

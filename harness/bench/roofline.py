@@ -37,7 +37,7 @@ from runtime.shapes import attention_flops, kv_values_per_token, shapes
 from runtime.spec import ModelSpec
 
 _FP32 = 4  # bytes
-_STORED = 2  # bytes of a weight: benchmark models are stored fp16 (models.py)
+_STORED = 2  # bytes of a weight: benchmark models are stored fp16 (harness/planning/random_models.py)
 
 
 @dataclass(frozen=True)
@@ -138,9 +138,9 @@ def disk_bandwidth(model: Path, reps: int = 2) -> float:
     """Bytes/s at which this disk serves the weights a step streams: every weight of the checkpoint in `model`
     that may go to disk (all but the tables) read once, layer after layer, through the runtime's own reader
     (`WeightStore` at Placement(0, 0): O_DIRECT spans, reader threads, `PREFETCH_DEPTH` layers ahead) with no
-    compute in between; best of `reps` (the least disturbed). Why not a plain sequential read of the file:
-    on this machine's virtual disk, 16 MiB reads of the file's first GiB ran 1.0-1.3 GB/s at queue depths 1 to
-    16 while these reads ran 2.0-2.3 GB/s (2026-12-01), so the roof would have been below what the runs did."""
+    compute in between; best of `reps` (the least disturbed). Why not a plain sequential read of the file: on a
+    virtual disk it can run well below the reader's rate (docs/MEASUREMENTS.md: about half, at any queue depth),
+    and the roof would then lie below what the runs do."""
     from runtime.checkpoint import Checkpoint
     from runtime.disk import DiskIO
     from runtime.families import get_family

@@ -17,17 +17,18 @@ from pathlib import Path
 
 import torch
 
-from harness.bench import models, report, roofline
+from harness.bench import report, roofline
 from harness.bench.measure import OtherLoad, Row, alternate, median_ratio, median_row
 from harness.bench.workloads import Workload
+from harness.planning import random_models
 
 Ids = list[list[int]]
 Runner = Callable[[int], tuple[Row, Ids]]  # rep -> (timings, generated ids per sequence)
 
 
 def run(w: Workload, out_dir: Path) -> str:
-    spec = models.spec(w.model)
-    path = models.ensure_model(w.model)
+    spec = random_models.spec(w.model)
+    path = random_models.ensure_model(w.model)
     other = OtherLoad()
     print(f"{w.name}: {w.model} batch {w.batch}, prompt {w.prompt_len}, output {w.output_len}, "
           f"{w.repeats} A/B pairs, {torch.get_num_threads()} threads", flush=True)

@@ -13,16 +13,17 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from harness.bench import budget, models, report, w1
+from harness.bench import budget, report, w1
 from harness.bench.measure import OtherLoad
 from harness.bench.workloads import Workload
+from harness.planning import random_models
 
 _GiB = 2**30
 
 
 def run(w: Workload, out_dir: Path) -> str:
-    spec = models.spec(w.model)
-    path = models.ensure_model(w.model)
+    spec = random_models.spec(w.model)
+    path = random_models.ensure_model(w.model)
     other = OtherLoad()
     limit = w.ram_budget
     print(f"{w.name}: {w.model}, {w.batch} prompts, prompt {w.prompt_len}, output {w.output_len}, RAM budget "

@@ -1,8 +1,8 @@
 """W2: offloading, ours against HF accelerate's disk offload, both streaming most weights from disk.
 
-Setup: a random-weight model stored fp16 in safetensors (models.py), at most `weight_ram_bytes` of
-weights resident in RAM (0.5 GiB for opt-1.3b's 2.6 GB), the rest read from disk at every step; the same
-random prompts, greedy, exactly `output_len` new tokens, fp32 compute on both sides (fp16 matmuls crawl
+Setup: a random-weight model stored fp16 in safetensors (harness/planning/random_models.py), at most
+`weight_ram_bytes` of weights resident in RAM (0.5 GiB for opt-1.3b's 2.6 GB), the rest read from disk at every
+step; the same random prompts, greedy, exactly `output_len` new tokens, fp32 compute on both sides (fp16 matmuls crawl
 on this CPU).
 - Ours: `Engine(Policy(weights=Placement(f, 0), weight_format="checkpoint"))`, so resident weights stay
   fp16 and disk weights are read in place from the safetensors file. The embedding tables (0.2 GiB) stay in
@@ -18,8 +18,8 @@ on this CPU).
   embedding (and its tied head), positions, final norm (0.40 GiB); every decoder layer on disk.
   The engines' worker-side code is in w2_engines.py.
 
-Page cache: each engine runs in its own worker process (worker.py), in its own memory cgroup where the
-machine allows one (pagecache.py). Before every run the pages of the model folder and the offload
+Page cache: each engine runs in its own worker process (harness/planning/worker.py), in its own memory cgroup
+where the machine allows one (pagecache.py). Before every run the pages of the model folder and the offload
 folders are evicted (posix_fadvise DONTNEED) and `fincore` counts what is left. During a run ours drops
 what it reads itself; accelerate's mmap reads leave pages behind, which its cgroup bounds: after an
 untimed warm-up each worker's limit is set to its memory then + `HEADROOM` (its transient buffers and a
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from harness.bench import models, report, roofline, w1, w2_engines
+from harness.bench import report, roofline, w1, w2_engines
 from harness.bench.budget import fit_fraction
 from harness.bench.measure import OtherLoad, Row, alternate, median_ratio, median_row
 from harness.bench.offload_side import (
@@ -61,13 +61,14 @@ from harness.bench.offload_side import (
     sweep_policies,
 )
 from harness.bench.workloads import Workload
+from harness.planning import random_models
 
 _GiB = 2**30
 
 
 def run(w: Workload, out_dir: Path) -> str:
-    spec = models.spec(w.model)
-    path = models.ensure_model(w.model)
+    spec = random_models.spec(w.model)
+    path = random_models.ensure_model(w.model)
     baseline = _accelerate_available(w)
     other = OtherLoad()
     budget = w.weight_ram_bytes
@@ -145,10 +146,9 @@ def run(w: Workload, out_dir: Path) -> str:
 def resident_fractions(path: Path, budget: int, compress_weight=None) -> tuple[float, ...]:
     """Weights fractions kept in RAM that the sweep tries. Compressed: the largest that fits the budget
     (`fit_fraction`). fp16: that one (q/k/v in 12 of opt-1.3b's 24 layers, 12% fewer bytes read per step) and
-    none of the decoder layers (the tables alone, 0.2 GiB). Until 2026-12-01 the filled budget often ran
-    slower: it was swept second, and its staging buffers, allocated from a more fragmented heap, split reads
-    into smaller block requests (`runtime.disk.aligned_empty` now takes huge pages). Since then it has run
-    as fast or faster per byte, as it should; the sweep still measures both rather than assume it."""
+    none of the decoder layers (the tables alone, 0.2 GiB). Reading fewer bytes, the filled budget should run at
+    least as fast, but what a read costs also depends on where its staging buffers land in memory
+    (`runtime.disk.aligned_empty`; docs/MEASUREMENTS.md), so the sweep measures both rather than assume it."""
     fit = fit_fraction(path, budget, compress_weight)
     return (fit,) if compress_weight or fit == 0 else (0.0, fit)
 

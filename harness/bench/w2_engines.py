@@ -1,5 +1,5 @@
-"""W2's two engines as they run inside their worker processes (worker.py): each `load_*` builds an engine
-into the worker's `state`, `run` times one greedy generate of exactly `n` tokens and returns
+"""W2's two engines as they run inside their worker processes (harness/planning/worker.py): each `load_*` builds an
+engine into the worker's `state`, `run` times one greedy generate of exactly `n` tokens and returns
 (Row, generated ids, extra measurements for `w2.OffloadRow`).
 """
 

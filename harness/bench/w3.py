@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from harness.bench import models, report, w1, w2_engines
+from harness.bench import report, w1, w2_engines
 from harness.bench.measure import OtherLoad, alternate, median_ratio
 from harness.bench.offload_side import (
     SWEEP_TOKENS,
@@ -34,6 +34,7 @@ from harness.bench.offload_side import (
 )
 from harness.bench.w2 import resident_fractions
 from harness.bench.workloads import Workload
+from harness.planning import random_models
 
 _GiB = 2**30
 
@@ -41,8 +42,8 @@ _GiB = 2**30
 def run(w: Workload, out_dir: Path) -> str:
     from runtime.policy import QuantConfig
 
-    spec = models.spec(w.model)
-    path = models.ensure_model(w.model)
+    spec = random_models.spec(w.model)
+    path = random_models.ensure_model(w.model)
     other = OtherLoad()
     budget = w.weight_ram_bytes
     q4 = QuantConfig(bits=4, group_size=64)

@@ -19,10 +19,11 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from harness.auto_policy import model_spec
-from harness.bench import budget, models, report, w1
+from harness.bench import budget, report, w1
 from harness.bench.measure import OtherLoad
 from harness.bench.workloads import W4_SETUPS, Workload
+from harness.planning import random_models
+from harness.planning.auto_policy import model_spec
 
 _GiB = 2**30
 QUICK_GRID = 3
@@ -61,7 +62,7 @@ def run(w: Workload, out_dir: Path) -> str:
     from runtime.cost_model import Workload as CostWorkload
     from runtime.cost_model import predict
 
-    path = models.ensure_model(w.model)
+    path = random_models.ensure_model(w.model)
     spec_model = model_spec(path)
     other = OtherLoad()
     setups = list(zip(W4_SETUPS, (w, replace(w, batch=max(1, w.batch // 4), ram_budget=2 * _GiB)),

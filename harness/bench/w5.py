@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness.bench import models
 from harness.bench.workloads import Workload
+from harness.planning import random_models
 
 QUICK_SUITE = """\
 suite: w5-quick
@@ -41,8 +41,8 @@ variants:
 
 
 def run(w: Workload, out_dir: Path) -> str:
-    from harness.runner import SuiteRunner
-    from harness.suite import load_suite
+    from harness.suites.runner import SuiteRunner
+    from harness.suites.suite import load_suite
 
     with tempfile.TemporaryDirectory(prefix="flexhelm-w5-") as scratch:
         suite_path = _quick_suite(Path(scratch)) if w.quick else "quickstart"
@@ -81,7 +81,7 @@ def _quick_suite(scratch: Path) -> Path:
     from scenarios.data_files import SHIPPED_DATA_DIR
 
     model = scratch / "model"
-    shutil.copytree(models.ensure_model("opt-tiny"), model)
+    shutil.copytree(random_models.ensure_model("opt-tiny"), model)
     text = (SHIPPED_DATA_DIR / "wikitext-2-raw" / "wiki.valid.raw").read_text()[:200_000]
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([text], vocab_size=1000, special_tokens=["<pad>", "</s>"], show_progress=False)

@@ -15,7 +15,7 @@ class Workload:
     name: str
     description: str
     model: str
-    """Key of `models.ARCHS`."""
+    """Key of `random_models.ARCHS` (harness/planning/random_models.py)."""
     batch: int
     prompt_len: int
     output_len: int
@@ -37,7 +37,7 @@ class Workload:
 
     def shrink(self) -> Workload:
         """The quick variant: a tiny model of the same family and a few tokens, same code path, for a smoke test."""
-        from harness.bench.models import ARCHS, spec
+        from harness.planning.random_models import ARCHS, spec
 
         tiny = "opt-tiny" if self.model not in ARCHS or spec(self.model).family == "opt" else "llama-tiny"
         budget = None if self.weight_ram_bytes is None else _QUICK_BUDGET[tiny]

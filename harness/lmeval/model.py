@@ -35,8 +35,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from harness.policies import ResolvedPolicy, policy_fields, read_policy_json, variant_policy
-from harness.suite import Compression, Variant
+from harness.planning.policies import ResolvedPolicy, policy_fields, read_policy_json, variant_policy
+from harness.suites.suite import Compression, Variant
 from runtime.cost_model import Workload
 from runtime.errors import InputError, PolicyError
 
@@ -58,7 +58,7 @@ class FlexhelmLM(TemplateLM):
                  add_bos_token: bool | None = None, prefix_token_id: int | None = None,
                  offload_dir: str | None = None) -> None:
         super().__init__()
-        from harness import auto_policy
+        from harness.planning import auto_policy
         from runtime.checkpoint import load_tokenizer
 
         self.model_dir = _checkpoint(str(pretrained))
@@ -173,7 +173,7 @@ class FlexhelmLM(TemplateLM):
         return results
 
     def _generate(self, contexts: list[str], gen_kwargs: dict, disable_tqdm: bool) -> list[str]:
-        from harness.token_text import TokenTexts
+        from harness.helm.token_text import TokenTexts
 
         self._texts = self._texts or TokenTexts(self.tokenizer)
         kwargs = normalize_gen_kwargs(gen_kwargs, self._max_gen_toks)
@@ -263,7 +263,7 @@ class FlexhelmLM(TemplateLM):
 
 def _checkpoint(pretrained: str) -> Path:
     """A checkpoint folder from `pretrained`: the folder itself, or a GGUF file's import (made once)."""
-    from harness import gguf_models
+    from harness.suites import gguf_models
 
     path = Path(os.path.expanduser(pretrained))
     if path.suffix == ".gguf":

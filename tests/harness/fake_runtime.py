@@ -11,8 +11,8 @@ import dataclasses
 import json
 import time
 
-from harness.backend import BatchOutput, EngineCall, _output
-from harness.token_text import TokenTexts
+from harness.helm.backend import BatchOutput, EngineCall, _output
+from harness.helm.token_text import TokenTexts
 from runtime.results import CallStats
 
 
@@ -139,9 +139,9 @@ variants:
 
 def run_suite(path, results, runtime: FakeRuntime):
     """The outcomes of running the suite file at `path` into `results` on `runtime`."""
-    from harness.executor import LocalExecutor
-    from harness.runner import SuiteRunner
-    from harness.suite import load_suite
+    from harness.suites.executor import LocalExecutor
+    from harness.suites.runner import SuiteRunner
+    from harness.suites.suite import load_suite
 
     runner = SuiteRunner(results, LocalExecutor(runtime), progress=False)
     return runner.run(load_suite(path))

@@ -8,7 +8,7 @@ pytest.importorskip("helm")
 
 from helm.common.request import Request  # noqa: E402
 
-from harness.backend import get_backend, policy_from  # noqa: E402
+from harness.helm.backend import get_backend, policy_from  # noqa: E402
 
 PROMPTS = ["the quick brown fox", "she sells sea shells by", "a stitch in time", "all that glitters"]
 

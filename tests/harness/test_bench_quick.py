@@ -62,3 +62,26 @@ def test_w4_measures_one_setup_alone(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "W4 W2 setup" in out and "W4 W1c setup" not in out
     assert (tmp_path / "out" / "W4-W2.csv").is_file() and not (tmp_path / "out" / "W4.csv").exists()
+
+
+def test_fit_fraction_fills_the_budget(tiny_opt, tmp_path):
+    """The fraction W2 and W3 run at keeps at most the budget resident, and the next level would not fit."""
+    from harness.bench.budget import fit_fraction
+    from harness.planning.auto_policy import model_spec
+    from runtime import Engine, Policy
+    from runtime.policy import Placement
+    from runtime.weights import weight_levels
+
+    path, _ = tiny_opt("pre")
+    levels = weight_levels(model_spec(path))
+
+    def resident(f: float) -> int:
+        engine = Engine(path, Policy(weights=Placement(f, 0)), offload_dir=tmp_path)
+        engine.close()
+        return engine.weights.nbytes
+
+    tables = resident(0.0)  # the embedding tables, kept in memory whatever the placement
+    assert fit_fraction(path, tables - 1) == 0.0
+    for budget in (tables, tables + 50_000, tables + 100_000):
+        f = fit_fraction(path, budget)
+        assert resident(f) <= budget < resident(min(lv for lv in levels if lv > f)), budget

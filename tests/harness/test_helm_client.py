@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -17,7 +18,7 @@ from helm.benchmark.scenarios.scenario import Input, Instance  # noqa: E402
 from helm.common.authentication import Authentication  # noqa: E402
 from helm.common.request import Request, RequestResult  # noqa: E402
 
-from harness.helm_client import BatchCollector, BatchExecutor, FlexhelmClient  # noqa: E402
+from harness.helm.client import BatchCollector, BatchExecutor, FlexhelmClient  # noqa: E402
 
 
 def fake_process(calls):
@@ -69,36 +70,27 @@ def test_a_failing_batch_raises_in_every_caller_and_the_next_one_runs():
     assert collector.submit(Request(prompt="b")).error == "b"
 
 
-def test_client_threads_reach_the_engine_in_one_call(tiny_opt, monkeypatch):
+def test_client_threads_reach_the_engine_in_one_call(tiny_opt):
     folder, _ = tiny_opt()
     client = FlexhelmClient(str(folder), idle_ms=200)
-    engine_calls = []
-    generate = client.backend.engine.generate
-
-    def counting(prompts, *args, **kw):
-        engine_calls.append(len(prompts))
-        return generate(prompts, *args, **kw)
-
-    monkeypatch.setattr(client.backend.engine, "generate", counting)
+    before = Counter(client.backend.engine.calls)  # the backend is shared: other tests' calls are not this one's
     prompts = [f"the fox {i}" for i in range(8)]
     req = lambda p: Request(model="flexhelm/t", model_deployment="flexhelm/t", prompt=p, temperature=0, max_tokens=3)
     results = submit_all(lambda r: client.make_request(req(r.prompt)), prompts)
-    assert engine_calls == [8]
+    assert client.backend.engine.calls - before == {("generate", 8): 1}
     assert all(r.success and r.batch_size == 8 for r in results)
     assert FlexhelmClient(str(folder)).collector is client.collector  # HELM may build several clients
 
 
-def test_batch_executor_hands_a_run_over_at_once(tiny_opt, tmp_path, monkeypatch):
+def test_batch_executor_hands_a_run_over_at_once(tiny_opt, tmp_path):
     from helm.benchmark.model_deployment_registry import ClientSpec, ModelDeployment, register_model_deployment
 
     folder, _ = tiny_opt()
     name = "flexhelm/executor-test"
     register_model_deployment(ModelDeployment(name=name, client_spec=ClientSpec(
-        "harness.helm_client.FlexhelmClient", {"model_dir": str(folder), "max_batch": 5})))
+        "harness.helm.client.FlexhelmClient", {"model_dir": str(folder), "max_batch": 5})))
     client = FlexhelmClient(str(folder))
-    engine_calls = []
-    score = client.backend.engine.score
-    monkeypatch.setattr(client.backend.engine, "score", lambda c, x: engine_calls.append(len(c)) or score(c, x))
+    before = Counter(client.backend.engine.calls)
     states = [RequestState(instance=Instance(Input(text=f"doc {i}"), references=[]), reference_index=None,
                            request_mode=None, train_trial_index=0, output_mapping=None, result=None,
                            num_train_instances=0, prompt_truncated=False,
@@ -108,6 +100,7 @@ def test_batch_executor_hands_a_run_over_at_once(tiny_opt, tmp_path, monkeypatch
     executor = BatchExecutor(ExecutionSpec(url=None, auth=Authentication(""), local_path=str(tmp_path),
                                            parallelism=1))
     out = executor.execute(ScenarioState(adapter_spec=AdapterSpec(), request_states=states))
-    assert engine_calls == [5, 5, 2]  # chunks of the deployment's max_batch, not one request at a time
+    # chunks of the deployment's max_batch, not one request at a time
+    assert client.backend.engine.calls - before == {("score", 5): 2, ("score", 2): 1}
     assert [s.result.batch_size for s in out.request_states] == [5] * 10 + [2] * 2
     assert [s.request.prompt for s in out.request_states] == [s.request.prompt for s in states]

@@ -1,4 +1,4 @@
-"""`helm_env.prepare()` removes HELM's network traps and names a broken torchvision."""
+"""`harness.helm.env.prepare()` removes HELM's network traps and names a broken torchvision."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from harness import helm_env
+from harness.helm import env
 
 
 @pytest.fixture
@@ -19,19 +19,19 @@ def clean_nltk_path(monkeypatch):
 
 
 def test_prepare_sets_offline_variables_and_creates_punkt_once(tmp_path, monkeypatch, clean_nltk_path):
-    for key in helm_env.OFFLINE_ENV:
+    for key in env.OFFLINE_ENV:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # a user's explicit choice stays
     monkeypatch.setenv("NLTK_DATA", str(tmp_path / "nltk"))
-    monkeypatch.setattr(helm_env, "check_torchvision", lambda: None)
-    created = helm_env.prepare()
+    monkeypatch.setattr(env, "check_torchvision", lambda: None)
+    created = env.prepare()
     if created is None:
         pytest.skip("a real punkt_tab is installed on this machine")
-    assert created == (tmp_path / "nltk" / helm_env.PUNKT).resolve()
-    assert {k: os.environ[k] for k in helm_env.OFFLINE_ENV} == {
+    assert created == (tmp_path / "nltk" / env.PUNKT).resolve()
+    assert {k: os.environ[k] for k in env.OFFLINE_ENV} == {
         "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     assert clean_nltk_path.find("tokenizers/punkt_tab/english")
-    assert helm_env.prepare() is None  # found now: nothing to create
+    assert env.prepare() is None  # found now: nothing to create
 
     from nltk.tokenize import sent_tokenize
 
@@ -40,10 +40,10 @@ def test_prepare_sets_offline_variables_and_creates_punkt_once(tmp_path, monkeyp
 
 def test_punkt_goes_to_the_given_folder_first_on_nltk_data(tmp_path, monkeypatch, clean_nltk_path):
     monkeypatch.setenv("NLTK_DATA", "/elsewhere")
-    created = helm_env.ensure_punkt(tmp_path)
+    created = env.ensure_punkt(tmp_path)
     if created is None:
         pytest.skip("a real punkt_tab is installed on this machine")
-    assert created == (tmp_path / helm_env.PUNKT).resolve()
+    assert created == (tmp_path / env.PUNKT).resolve()
     assert os.environ["NLTK_DATA"].split(os.pathsep) == [str(tmp_path.resolve()), "/elsewhere"]
 
 
@@ -54,11 +54,11 @@ def test_broken_torchvision_is_named_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "torchvision", raising=False)
     importlib.invalidate_caches()
-    with pytest.raises(helm_env.HelmEnvironmentError, match="pip uninstall torchvision"):
-        helm_env.check_torchvision()
+    with pytest.raises(env.HelmEnvironmentError, match="pip uninstall torchvision"):
+        env.check_torchvision()
 
 
 def test_no_torchvision_is_fine(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     monkeypatch.delitem(sys.modules, "torchvision", raising=False)
-    helm_env.check_torchvision()
+    env.check_torchvision()

@@ -26,7 +26,7 @@ def plugin(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("NLTK_DATA", str(tmp_path_factory.mktemp("nltk")))  # importing registers: keep it out of ~/.cache
     mp.delenv("FLEXHELM_MODELS", raising=False)
-    import harness.helm_plugin as plugin
+    import harness.helm.plugin as plugin
 
     yield plugin
     mp.undo()
@@ -62,7 +62,7 @@ def test_register_model(plugin, tiny_opt):
     name = plugin.register_model("reg-test", folder, policy='{"gpu_batch_size": 4}', max_batch=32)
     assert name == "flexhelm/reg-test"
     d = get_model_deployment(name)
-    assert d.client_spec.class_name == "harness.helm_client.FlexhelmClient"
+    assert d.client_spec.class_name == "harness.helm.client.FlexhelmClient"
     assert d.client_spec.args["model_dir"] == str(folder.resolve()) and d.client_spec.args["max_batch"] == 32
     assert json.loads(d.client_spec.args["policy"])["gpu_batch_size"] == 4
     assert (d.max_sequence_length, d.max_request_length) == (96, 97)
@@ -89,7 +89,7 @@ def test_helm_entry_point_is_installed(tmp_path):
         importlib.metadata.distribution("flexhelm")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("flexhelm is not installed as a distribution (pip install -e .)")
-    assert "harness.helm_plugin" in _helm_entry_points(tmp_path)
+    assert "harness.helm.plugin" in _helm_entry_points(tmp_path)
 
 
 @pytest.mark.skipif(shutil.which("helm-run", path=str(BIN)) is None, reason="helm-run is not installed")
@@ -104,10 +104,10 @@ def test_helm_run_and_summarize(model_512, tmp_path, runner):
            "--local-path", str(tmp_path / "prod_env"), "-m", "4", "--disable-cache"]
     if runner == "threads":
         cmd += ["-n", "4"]  # each thread's request joins one batch
-        if "harness.helm_plugin" not in _helm_entry_points(tmp_path):  # else plain helm-run finds it
-            cmd += ["--plugins", "harness.helm_plugin"]
+        if "harness.helm.plugin" not in _helm_entry_points(tmp_path):  # else plain helm-run finds it
+            cmd += ["--plugins", "harness.helm.plugin"]
     else:
-        cmd += ["--plugins", "harness.helm_plugin", "--runner-class-name", "harness.helm_client.BatchRunner"]
+        cmd += ["--plugins", "harness.helm.plugin", "--runner-class-name", "harness.helm.client.BatchRunner"]
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     runs = tmp_path / "out" / "runs" / "t"

@@ -20,7 +20,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from harness.lmeval.cli import TASKS_DIR  # noqa: E402
 from harness.lmeval.model import FlexhelmLM  # noqa: E402
-from harness.policies import Workload  # noqa: E402
+from harness.planning.policies import Workload  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 REF = REPO / "models" / "flexhelm-opt-ref"

@@ -1,5 +1,5 @@
-"""Out of memory: a run's peak RAM on disk while it computes (`harness/memory_watch.py`), and the next attempt
-planned below it after a kill (`harness/policies.py run_policy`). The real SIGKILL mid-suite is in
+"""Out of memory: a run's peak RAM on disk while it computes (`harness/suites/memory_watch.py`), and the next attempt
+planned below it after a kill (`harness/planning/policies.py run_policy`). The real SIGKILL mid-suite is in
 test_reliability.py (`test_kill_9_mid_run_then_rerun`)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from harness.suite import load_suite
+from harness.suites.suite import load_suite
 
 
 def test_memory_record_follows_the_peak_and_says_how_the_attempt_ended(tmp_path):
@@ -17,7 +17,7 @@ def test_memory_record_follows_the_peak_and_says_how_the_attempt_ended(tmp_path)
     record a SIGKILL leaves (`running`) is what the next attempt plans below."""
     import time
 
-    from harness import memory_watch
+    from harness.suites import memory_watch
 
     with memory_watch.MemoryWatch(tmp_path, attempt=3):
         before = memory_watch.last_attempt(tmp_path)
@@ -37,9 +37,9 @@ def test_a_killed_run_is_planned_again_below_the_peak_it_reached(tmp_path, tiny_
     """The OOM killer's SIGKILL leaves memory.json saying `running`: the next attempt plans `auto` again for at
     most 0.8 of that peak (more of the model on disk), records why in policy.json, and keeps the request cache's
     keys (placement is not part of them); an explicit policy runs again as it is, with a warning."""
-    from harness import atomic
-    from harness.policies import run_policy
-    from harness.request_cache import request_key
+    from harness.planning.policies import run_policy
+    from harness.suites import atomic
+    from harness.suites.request_cache import request_key
     from runtime.errors import PolicyError
     from tests.harness.test_suite import GOOD, write
     from tests.runtime.cost_fixtures import cpu_hardware

@@ -1,4 +1,4 @@
-"""Standard errors and paired bootstrap intervals (`harness.paired`) on per-instance stats written by hand."""
+"""Standard errors and paired bootstrap intervals (`harness.reports.paired`) on per-instance stats written by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from harness.paired import compare, standard_error
+from harness.reports.paired import compare, standard_error
 
 
 def write_run(folder, stats_per_instance: list[dict[str, float]]):

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from harness.auto_policy import parse_size
 from harness.cli import main
+from harness.planning.auto_policy import parse_size
 from tests.runtime.cost_fixtures import GiB, cpu_hardware, table_params
 
 OPT_175B = {"model_type": "opt", "hidden_size": 12288, "num_hidden_layers": 96, "num_attention_heads": 96,
@@ -42,7 +42,7 @@ def test_plan_opt175b_on_flexgens_t4(opt175b, capsys):
 
 @pytest.mark.parametrize("name", ["llama-3-70b", "qwen2.5-72b"])
 def test_plan_llama_family_from_config_alone_on_flexgens_t4(name, tmp_path, capsys):
-    from harness.bench.models import config_dir, spec
+    from harness.planning.random_models import config_dir, spec
 
     folder = config_dir(name, tmp_path / name)
     argv = ["plan", "--model", str(folder), "--prompt-len", "512", "--gen-len", "32", "--hardware", "t4_flexgen",
@@ -99,8 +99,8 @@ def test_sizes_parse_with_units():
 
 
 def test_harness_backend_plans_auto_for_the_model(tiny_opt, cpu_json, monkeypatch):
-    from harness import auto_policy
-    from harness.backend import policy_from
+    from harness.helm.backend import policy_from
+    from harness.planning import auto_policy
 
     path, _ = tiny_opt("pre")
     monkeypatch.setenv("FLEXHELM_HARDWARE", str(cpu_json))
@@ -112,7 +112,7 @@ def test_harness_backend_plans_auto_for_the_model(tiny_opt, cpu_json, monkeypatc
 
 
 def test_profile_writes_a_spec_and_fit_calibrates_it(tmp_path, monkeypatch, capsys):
-    from harness.calibrate import fit
+    from harness.planning.calibrate import fit
     from runtime.hardware import HardwareSpec
 
     monkeypatch.setenv("FLEXHELM_CACHE", str(tmp_path / "cache"))
@@ -130,7 +130,7 @@ def test_profile_writes_a_spec_and_fit_calibrates_it(tmp_path, monkeypatch, caps
 def test_planned_weight_fractions_are_what_the_runtime_keeps(tiny_opt, tiny_llama, tmp_path, family):
     """At each level `weight_levels` gives, the runtime keeps the bytes the cost model counts: that fraction of
     the weights, and the tables (kept in memory whatever the placement) in full."""
-    from harness.auto_policy import model_spec
+    from harness.planning.auto_policy import model_spec
     from runtime import Engine
     from runtime.policy import Placement, Policy
     from runtime.weights import weight_levels

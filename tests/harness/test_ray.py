@@ -1,5 +1,5 @@
-"""The Ray executor (`flexhelm run --executor ray`, harness/ray_runner.py) on a local Ray instance of 2 CPUs that the
-module starts once (its start-up time is printed): a suite on Ray reports what the local executor reports, a killed
+"""The Ray executor (`flexhelm run --executor ray`, harness/suites/ray_runner.py) on a local Ray instance of 2 CPUs that
+the module starts once (its start-up time is printed): a suite on Ray reports what the local executor reports, a killed
 worker's run is retried and resumed from its cache, Ray's memory reservation keeps two big runs off one node at
 once, and a bad input fails once."""
 
@@ -16,8 +16,8 @@ import pytest
 
 pytest.importorskip("helm")
 
-from harness.runner import SuiteRunner  # noqa: E402
-from harness.suite import load_suite  # noqa: E402
+from harness.suites.runner import SuiteRunner  # noqa: E402
+from harness.suites.suite import load_suite  # noqa: E402
 from tests.harness.fake_runtime import (  # noqa: E402
     SAME_FILES,
     FakeRuntime,
@@ -39,7 +39,7 @@ def ray_node(tmp_path_factory, request):
     """A local Ray instance (2 CPUs) for the module; yields the FLEXHELM_CACHE of its workers."""
     import ray
 
-    from harness.ray_runner import local_temp_dir
+    from harness.suites.ray_runner import local_temp_dir
 
     cache = tmp_path_factory.mktemp("ray-cache")
     with pytest.MonkeyPatch.context() as env:  # the workers' environment is this process's at start
@@ -58,7 +58,7 @@ def ray_node(tmp_path_factory, request):
 
 def _ray_runner(results, scratch, runtime=None):
     """Runs of one CPU each (two at once on the test's node, where their RAM allows)."""
-    from harness.ray_runner import RayOptions, RayRunner
+    from harness.suites.ray_runner import RayOptions, RayRunner
 
     return RayRunner(results, RayOptions(cpus_per_run=1, scratch=str(scratch)), backend_factory=runtime,
                      progress=False)
@@ -90,7 +90,7 @@ def test_a_suite_on_ray_reports_what_the_local_executor_reports(ray_node, tmp_pa
     import torch
 
     from harness.cli import main
-    from harness.report import build_report
+    from harness.reports.report import build_report
 
     folder, _ = tiny_opt()
     path = _suite(tmp_path, folder, """\
@@ -150,7 +150,7 @@ def test_a_killed_worker_is_retried_and_resumes_from_its_cache(ray_node, tmp_pat
     killed attempt left on the node (nothing finished is lost or computed twice), the suite completes as a clean
     local run does, and no run folder is left half-written. While in flight the run's folder is locked on the
     driver (a local `flexhelm run` of the suite reports it busy)."""
-    from harness import run_lock
+    from harness.suites import run_lock
 
     folder, _ = tiny_opt()
     path = _suite(tmp_path, folder, SLOW_PAIR)
@@ -192,7 +192,8 @@ def test_a_killed_worker_is_retried_and_resumes_from_its_cache(ray_node, tmp_pat
     for run_dir in (tmp_path / "clean" / "ray").glob("tiny--*"):
         for name in SAME_FILES:
             ours, clean = (tmp_path / "r" / "ray" / run_dir.name / name).read_text(), (run_dir / name).read_text()
-            if name == "policy.json":  # a retry after a SIGKILL may say it was planned again (harness/memory_watch)
+            # a retry after a SIGKILL may say it was planned again (harness/suites/memory_watch.py)
+            if name == "policy.json":
                 ours, clean = (json.loads(text)["policy"] for text in (ours, clean))
             assert ours == clean, f"{run_dir.name}/{name}"
     _whole_run_folders(tmp_path / "r" / "ray")
@@ -255,7 +256,7 @@ def test_a_bad_input_fails_once_with_its_error_and_keeps_its_work(ray_node, tmp_
     the driver, and the next command resumes from them. A model the node cannot read fails once, saying so."""
     import shutil
 
-    from harness import ray_runner
+    from harness.suites import ray_runner
 
     folder, _ = tiny_opt()
     gone = tmp_path / "gone"
@@ -319,7 +320,7 @@ def test_ray_flags_without_ray(tmp_path, suite_file, monkeypatch, capsys):
 def test_what_ray_reserves_for_a_run(tmp_path, tiny_opt):
     """By default a node's worth (the smallest node's CPUs and RAM, so a run lands anywhere), a GPU where the cluster
     has them; `cpus_per_run` and the variant's `memory.host` make it less; never more than the largest node has."""
-    from harness.ray_runner import RayOptions, task_resources
+    from harness.suites.ray_runner import RayOptions, task_resources
 
     folder, _ = tiny_opt()
     path = _suite(tmp_path, folder, """\
@@ -354,7 +355,7 @@ def test_a_local_ray_instance_keeps_its_session_outside_the_virtualenv(tmp_path,
     goes to `$TMPDIR/ray`, or to /tmp/ray when that lies inside the active virtualenv."""
     import tempfile
 
-    from harness.ray_runner import local_temp_dir
+    from harness.suites.ray_runner import local_temp_dir
 
     venv, elsewhere = tmp_path / "venv", tmp_path / "elsewhere"
     (venv / "tmp").mkdir(parents=True)

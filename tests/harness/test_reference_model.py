@@ -66,8 +66,8 @@ def helm_runs(tmp_path_factory):
     entries = [f"{e}model=flexhelm/opt-ref" for e in ("lambada:method=greedy,", "lambada:method=likelihood,",
                                                        "wikitext:")]
     cmd = [str(BIN / "helm-run"), "-r", *entries, "--suite", "ref", "-o", str(tmp / "out"),
-           "--local-path", str(tmp / "prod_env"), "-m", "24", "--disable-cache", "--plugins", "harness.helm_plugin",
-           "--runner-class-name", "harness.helm_client.BatchRunner"]
+           "--local-path", str(tmp / "prod_env"), "-m", "24", "--disable-cache", "--plugins", "harness.helm.plugin",
+           "--runner-class-name", "harness.helm.client.BatchRunner"]
     run = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     runs = {}

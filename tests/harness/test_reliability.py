@@ -10,10 +10,10 @@ import pytest
 
 pytest.importorskip("helm")
 
-from harness.executor import LocalExecutor  # noqa: E402
-from harness.request_cache import RequestCache  # noqa: E402
-from harness.runner import SuiteRunner  # noqa: E402
-from harness.suite import load_suite  # noqa: E402
+from harness.suites.executor import LocalExecutor  # noqa: E402
+from harness.suites.request_cache import RequestCache  # noqa: E402
+from harness.suites.runner import SuiteRunner  # noqa: E402
+from harness.suites.suite import load_suite  # noqa: E402
 from tests.harness.fake_runtime import (  # noqa: E402
     SAME_FILES,
     FakeRuntime,
@@ -101,9 +101,9 @@ def test_full_disk_while_writing_a_runs_files_fails_it_named_and_loses_nothing(s
 
 KILLABLE = """\
 import sys
-from harness.executor import LocalExecutor
-from harness.runner import SuiteRunner
-from harness.suite import load_suite
+from harness.suites.executor import LocalExecutor
+from harness.suites.runner import SuiteRunner
+from harness.suites.suite import load_suite
 from tests.harness.fake_runtime import FakeRuntime
 SuiteRunner(sys.argv[2], LocalExecutor(FakeRuntime(delay_s=0.05)), progress=False).run(load_suite(sys.argv[1]))
 """
@@ -154,7 +154,7 @@ def test_kill_9_mid_run_then_rerun(suite_file, tmp_path):
 
 def test_a_run_held_by_another_runner_is_left_to_it(suite_file, tmp_path):
     """A run folder whose lock another runner holds is not touched; once free, the same command finishes it."""
-    from harness.run_lock import try_lock
+    from harness.suites.run_lock import try_lock
 
     clean = FakeRuntime()
     run_suite(suite_file, tmp_path / "clean", clean)
@@ -175,9 +175,9 @@ def test_a_run_held_by_another_runner_is_left_to_it(suite_file, tmp_path):
 
 CONCURRENT = """\
 import sys
-from harness.executor import LocalExecutor
-from harness.runner import SuiteRunner
-from harness.suite import load_suite
+from harness.suites.executor import LocalExecutor
+from harness.suites.runner import SuiteRunner
+from harness.suites.suite import load_suite
 from tests.harness.fake_runtime import FakeRuntime
 out = SuiteRunner(sys.argv[2], LocalExecutor(FakeRuntime(delay_s=0.02)), progress=False).run(load_suite(sys.argv[1]))
 print(" ".join(o.status for o in out))
@@ -210,8 +210,8 @@ def test_two_runners_of_one_suite_at_once(suite_file, tmp_path):
 
 SIGTERMED = """\
 import sys
-import harness.runner as runner
-from harness.executor import LocalExecutor
+import harness.suites.runner as runner
+from harness.suites.executor import LocalExecutor
 from tests.harness.fake_runtime import FakeRuntime
 init = runner.SuiteRunner.__init__
 runner.SuiteRunner.__init__ = lambda self, results, executor=None, progress=None: init(
@@ -303,7 +303,7 @@ def test_a_suite_holds_one_model_at_a_time_and_leaves_no_threads_or_files(tmp_pa
     import threading
     import weakref
 
-    from harness.backend import RuntimeBackend
+    from harness.helm.backend import RuntimeBackend
 
     folder, _ = tiny_opt()
     monkeypatch.setenv("FLEXHELM_CACHE", str(tmp_path / "cache"))

@@ -8,9 +8,9 @@ pytest.importorskip("helm")
 pd = pytest.importorskip("pandas")
 pytest.importorskip("matplotlib")
 
-from harness.executor import LocalExecutor  # noqa: E402
-from harness.runner import SuiteRunner  # noqa: E402
-from harness.suite import load_suite  # noqa: E402
+from harness.suites.executor import LocalExecutor  # noqa: E402
+from harness.suites.runner import SuiteRunner  # noqa: E402
+from harness.suites.suite import load_suite  # noqa: E402
 from tests.harness.fake_runtime import FakeRuntime, suite_text  # noqa: E402
 
 SCENARIOS_VARIANTS = """\
@@ -43,7 +43,7 @@ def suite_dir(tmp_path_factory, tiny_opt):
 
 
 def test_report_rows_and_parquet_round_trip(suite_dir):
-    from harness.report import build_report, load_report, save_report
+    from harness.reports.report import build_report, load_report, save_report
 
     frame = build_report(suite_dir)
     assert len(frame) == 8 and frame["run"].is_unique
@@ -57,7 +57,7 @@ def test_report_rows_and_parquet_round_trip(suite_dir):
 
 
 def test_comparison_pairs_fp16_with_each_compressed_variant(suite_dir):
-    from harness.report import build_report, comparison, show
+    from harness.reports.report import build_report, comparison, show
 
     frame = build_report(suite_dir)
     table = comparison(frame, suite_dir)
@@ -72,8 +72,8 @@ def test_comparison_pairs_fp16_with_each_compressed_variant(suite_dir):
 
 
 def test_plot_files(suite_dir):
-    from harness.plot import plot_suite
-    from harness.report import build_report, comparison
+    from harness.reports.plot import plot_suite
+    from harness.reports.report import build_report, comparison
 
     frame = build_report(suite_dir)
     paths = plot_suite(frame, suite_dir / "plots", comparison(frame, suite_dir))
@@ -95,7 +95,7 @@ def test_cli_report_prints_table_and_paths(suite_dir, capsys):
 
 
 def test_report_of_an_empty_folder_says_so(tmp_path):
-    from harness.report import ReportError, build_report
+    from harness.reports.report import ReportError, build_report
 
     with pytest.raises(ReportError, match="no finished runs"):
         build_report(tmp_path)

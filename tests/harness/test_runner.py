@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("helm")
 
-from harness.runner import SuiteRunner  # noqa: E402
-from harness.suite import load_suite  # noqa: E402
+from harness.suites.runner import SuiteRunner  # noqa: E402
+from harness.suites.suite import load_suite  # noqa: E402
 from tests.harness.fake_runtime import (  # noqa: E402
     SAME_FILES,
     SCENARIOS_VARIANTS,
@@ -105,7 +105,7 @@ def test_fast_json_matches_helms_asdict(suite_file, tmp_path):
     from helm.benchmark.adaptation.scenario_state import ScenarioState
     from helm.common.general import asdict_without_nones
 
-    from harness.helm_json import to_tree
+    from harness.helm.json_io import to_tree
 
     run_suite(suite_file, tmp_path / "r", FakeRuntime())
     path = tmp_path / "r" / "fake" / "tiny--wikitext--fp16--b3" / "scenario_state.json"

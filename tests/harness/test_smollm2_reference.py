@@ -43,7 +43,7 @@ def lambada_runs(smollm2, tmp_path_factory):
     entries = [f"lambada:method={m},model=flexhelm/smollm2" for m in ("greedy", "likelihood")]
     cmd = [str(BIN / "helm-run"), "-r", *entries, "--suite", "smol", "-o", str(tmp / "out"),
            "--local-path", str(tmp / "prod_env"), "-m", str(N), "--disable-cache", "--plugins",
-           "harness.helm_plugin", "--runner-class-name", "harness.helm_client.BatchRunner"]
+           "harness.helm.plugin", "--runner-class-name", "harness.helm.client.BatchRunner"]
     run = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     runs = {}

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.auto_policy import size_bytes
-from harness.suite import Compression, SuiteError, load_suite
+from harness.planning.auto_policy import size_bytes
+from harness.suites.suite import Compression, SuiteError, load_suite
 from tests.harness.fake_runtime import suite_text
 
 GOOD = suite_text("s1", "{model}", """\
@@ -70,7 +70,7 @@ def test_a_scenario_can_run_with_some_variants_only(tmp_path, tiny_opt):
 
 
 def test_policy_fields_follow_the_variant(tmp_path, tiny_opt):
-    from harness.policies import resolve_policy
+    from harness.planning.policies import resolve_policy
 
     folder, _ = tiny_opt()
     suite = load_suite(write(tmp_path, GOOD, model=folder))
@@ -153,8 +153,8 @@ def test_one_size_grammar_for_suites_and_flags():
 def test_shipped_suites_are_valid(name, runs, tmp_path, tiny_opt, monkeypatch):
     """The shipped suites, pointed at a tiny model, pass every check, HELM's included."""
     pytest.importorskip("helm")
-    from harness.runner import helm_run_specs
-    from harness.suite import find_suite
+    from harness.suites.runner import helm_run_specs
+    from harness.suites.suite import find_suite
 
     monkeypatch.setenv("NLTK_DATA", str(tmp_path / "nltk"))
     folder, _ = tiny_opt()
@@ -167,7 +167,7 @@ def test_shipped_suites_are_valid(name, runs, tmp_path, tiny_opt, monkeypatch):
 
 def test_auto_policy_plans_within_the_variants_memory_limits(tmp_path, tiny_opt, monkeypatch):
     """`policy: auto` goes to the planner, which keeps RAM within `memory:` by putting weights on disk."""
-    from harness.policies import ResolvedPolicy, resolve_policy
+    from harness.planning.policies import ResolvedPolicy, resolve_policy
     from tests.runtime.cost_fixtures import cpu_hardware
 
     folder, model = tiny_opt()
@@ -192,7 +192,7 @@ def test_auto_policy_plans_for_the_runs_own_requests(tmp_path, tiny_opt, monkeyp
     need less cache leave more of the RAM to the weights than a context-filling plan does."""
     from types import SimpleNamespace
 
-    from harness.policies import Workload, resolve_policy, run_workload
+    from harness.planning.policies import Workload, resolve_policy, run_workload
     from runtime.checkpoint import load_tokenizer
     from tests.runtime.cost_fixtures import cpu_hardware
 
@@ -221,7 +221,7 @@ def test_auto_policy_prefers_one_micro_batch_when_the_plans_are_close():
     outside the cost model); a shape that is clearly faster still wins."""
     from types import SimpleNamespace
 
-    from harness.policies import pick_plan
+    from harness.planning.policies import pick_plan
 
     def plan(g: int, throughput: float):
         return SimpleNamespace(policy=SimpleNamespace(gpu_batch_size=g), prediction=SimpleNamespace(

@@ -9,7 +9,7 @@ pytest.importorskip("helm")
 from helm.benchmark.metrics.basic_metrics import convert_tokens_to_text, get_num_bytes  # noqa: E402
 from helm.common.request import Token  # noqa: E402
 
-from harness.token_text import TokenTexts, cut_at_stops, truncate  # noqa: E402
+from harness.helm.token_text import TokenTexts, cut_at_stops, truncate  # noqa: E402
 
 TEXT = "café ’ \n\n the fox.\nsea"  # two- and three-byte characters split over byte tokens
 

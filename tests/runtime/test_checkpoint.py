@@ -169,7 +169,7 @@ def test_bad_policies():
 
 def test_loading_keeps_one_copy_of_the_model(tmp_path):
     """Peak RSS while loading an fp16 checkpoint into fp32 grows by the fp32 weights plus one tensor, not 2x."""
-    from runtime.device import PeakMemory, _read_status
+    from runtime.device import PeakMemory, read_status
     from tests.tiny_models import build_opt
 
     build_opt(tmp_path, "pre", dtype=torch.float16, hidden_size=512, num_hidden_layers=6, ffn_dim=2048,
@@ -177,7 +177,7 @@ def test_loading_keeps_one_copy_of_the_model(tmp_path):
     import gc
 
     gc.collect()
-    before = _read_status("VmRSS")
+    before = read_status("VmRSS")
     PeakMemory(torch.device("cpu")).reset()
     engine = Engine(tmp_path)
     grown = PeakMemory(torch.device("cpu")).read()["host"] - before

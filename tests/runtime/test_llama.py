@@ -156,13 +156,14 @@ def test_compressed_generations_identical_across_placements(tmp_path, compress):
         engine.close()
 
 
-def test_generation_stops_at_any_eos(tiny_llama):
+def test_generation_stops_at_any_eos(tiny_llama, tmp_path):
     path, _ = tiny_llama("llama3")
     engine = Engine(path)
     assert engine.spec.eos_token_ids == (1, 2)
     free = engine.generate(PROMPTS, 10, stop_at_eos=False).generations
     first, second = free[0].output_ids[3], free[1].output_ids[2]
-    object.__setattr__(engine.spec, "eos_token_ids", (first, second))
+    engine = Engine(tiny_models.with_eos(path, tmp_path / "eos", (first, second)))  # the same model, those EOS
+    assert set(engine.spec.eos_token_ids) == {first, second}
     res = engine.generate(PROMPTS, 10).generations
     for g, f in zip(res[:2], free[:2]):
         assert g.finish_reason == "eos"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from runtime import Engine, Policy
 from runtime.disk import OffloadError, span_capacity
-from runtime.offload import OffloadDir
 from runtime.policy import Placement, Tier
 from tests.runtime.cost_fixtures import table_params
 
@@ -86,27 +86,6 @@ def test_cuts_between_tensors_split_the_layers_in_proportion():
     qkv = [tiers[1] for tiers in (assign_tiers(specs, sizes, Placement(0.13, 0), Tier.DEVICE, r)
                                   for r in ranks[1:25])]
     assert qkv.count(Tier.DEVICE) == 12 and Tier.DEVICE in qkv[:2] and Tier.DEVICE in qkv[-2:]
-
-
-def test_fit_fraction_fills_the_budget(tiny_opt, tmp_path):
-    """The fraction W2 and W3 run at keeps at most the budget resident, and the next level would not fit."""
-    from harness.auto_policy import model_spec
-    from harness.bench.budget import fit_fraction
-    from runtime.weights import weight_levels
-
-    path, _ = tiny_opt("pre")
-    levels = weight_levels(model_spec(path))
-
-    def resident(f: float) -> int:
-        engine = Engine(path, Policy(weights=Placement(f, 0)), offload_dir=tmp_path)
-        engine.close()
-        return engine.weights.nbytes
-
-    tables = resident(0.0)  # the embedding tables, kept in memory whatever the placement
-    assert fit_fraction(path, tables - 1) == 0.0
-    for budget in (tables, tables + 50_000, tables + 100_000):
-        f = fit_fraction(path, budget)
-        assert resident(f) <= budget < resident(min(lv for lv in levels if lv > f)), budget
 
 
 def test_tables_and_head_stay_in_memory_when_the_weights_go_to_disk(tiny_opt, tmp_path):
@@ -201,25 +180,25 @@ def test_unusable_offload_folder(tiny_opt, tmp_path):
 
 
 def test_disk_full_during_preparation_leaves_nothing_trusted(tiny_opt, tmp_path, monkeypatch):
+    """ENOSPC from the file system while the prepared weights are written: no folder of them is left to be trusted,
+    and with room again they are prepared."""
     import errno
 
     path, _ = tiny_opt("pre", "bin")
-    real = OffloadDir._build
-    calls = {"n": 0}
+    real = os.replace
+    weights = tmp_path / "weights"
 
-    def full_disk(folder, items):
-        def produce_then_fail(produce):
-            calls["n"] += 1
-            if calls["n"] > 3:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return produce()
-        return real(folder, {k: (n, lambda p=p: produce_then_fail(p)) for k, (n, p) in items.items()})
+    def full_disk(src, dst, *args, **kwargs):
+        if Path(dst).parent == weights:  # the prepared folder, complete, taking its name
+            assert any(Path(src).iterdir())  # its files were written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(OffloadDir, "_build", staticmethod(full_disk))
+    monkeypatch.setattr(os, "replace", full_disk)
     with pytest.raises(OffloadError, match="disk is full"):
         Engine(path, Policy(weights=Placement(0, 0)), offload_dir=tmp_path)
-    assert not list((tmp_path / "weights").iterdir())
-    monkeypatch.setattr(OffloadDir, "_build", staticmethod(real))
+    assert not list(weights.iterdir())
+    monkeypatch.setattr(os, "replace", real)
     Engine(path, Policy(weights=Placement(0, 0)), offload_dir=tmp_path).close()
     assert len(list((tmp_path / "weights").iterdir())) == 1
 
@@ -292,7 +271,7 @@ def test_prefetch_depth_and_interleaved_calls_never_use_stale_buffers(tiny_opt, 
         assert rolled.token_logprobs[0] == pytest.approx(want_rolled, abs=1e-5)
 
 
-def test_read_ahead_skips_layers_without_disk_weights_and_wraps_into_the_next_step(tiny_opt, tmp_path, monkeypatch):
+def test_read_ahead_skips_layers_without_disk_weights_and_wraps_into_the_next_step(tiny_opt, tmp_path):
     """The embedding and the head hold no disk weights: they must not use up the read-ahead, or the disk idles
     at every step boundary while they compute (the next step's first decoder layer would start at the head)."""
     path, _ = tiny_opt("pre")
@@ -300,16 +279,13 @@ def test_read_ahead_skips_layers_without_disk_weights_and_wraps_into_the_next_st
     store, n = engine.weights, len(engine.weights.layers)
     kept = [i for i, layer in enumerate(store.layers) if all(s.tier != Tier.DISK for s in layer.values())]
     assert 0 in kept  # the embedding; the head has its final norm on disk here
-    asked = []
-    monkeypatch.setattr(store, "prefetch", lambda i: asked.append(i))
-    monkeypatch.setattr(store, "fetch", lambda i: {})
     disk = [i for i in range(n) if i not in kept]
     for i in range(n):
-        asked.clear()
-        store.fetch_ahead(i, n, wrap=True)
+        asked = store.read_ahead(i, n, wrap=True)
         after = disk[disk.index(i) + 1:] if i in disk else [j for j in disk if j > i]
         assert asked == (after + [j for j in disk if j < i])[:store.depth]
-    asked.clear()
-    store.fetch_ahead(n - 2, n - 1, wrap=False)  # a pass that stops before the head (scoring) never wraps
-    assert asked == []
+        store.fetch_ahead(i, n, wrap=True)
+        assert set(asked) <= set(store.in_flight) and i not in store.in_flight  # read ahead; layer i fetched
+    # a pass that stops before the head (scoring) never wraps
+    assert store.read_ahead(n - 2, n - 1, wrap=False) == []
     engine.close()

@@ -7,6 +7,7 @@ import torch
 
 from runtime import Engine, Policy
 from runtime.sampling import Sampler
+from tests import tiny_models
 
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
 
@@ -64,12 +65,12 @@ def test_stop_sequences_of_any_length(engine):
     assert res[0].output_ids == out[:end] and res[0].finish_reason == "stop"
 
 
-def test_eos_stops_a_row(tiny_opt):
+def test_eos_stops_a_row(tiny_opt, tmp_path):
     path, _ = tiny_opt("pre")
-    engine = Engine(path)
-    free = engine.generate(PROMPTS, 12, stop_at_eos=False).generations
+    free = Engine(path).generate(PROMPTS, 12, stop_at_eos=False).generations
     tok = free[1].output_ids[2]
-    object.__setattr__(engine.spec, "eos_token_ids", (tok,))  # pretend that token is EOS
+    engine = Engine(tiny_models.with_eos(path, tmp_path / "eos", (tok,)))  # the same model, with that token as EOS
+    assert engine.spec.eos_token_ids == (tok,)
     res = engine.generate(PROMPTS, 12).generations
     assert res[1].finish_reason == "eos"
     assert res[1].output_ids == free[1].output_ids[: free[1].output_ids.index(tok)]

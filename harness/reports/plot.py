@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness import atomic
-from harness.report import QUALITY
+from harness.reports.report import QUALITY
+from harness.suites import atomic
 
 FORMATS = ("png", "svg")
 

@@ -6,7 +6,7 @@ resumable after kill -9 at any moment:
   runs are skipped, and a run whose suite entry changed is redone;
 - inside a run, every finished batch is in the run's request cache (`requests.jsonl`, fsync'ed per batch);
   a rerun adapts again (cheap, deterministic) and sends only the requests the cache cannot answer;
-- every output file is written whole or not at all (`harness.atomic`).
+- every output file is written whole or not at all (`harness.suites.atomic`).
 
 A run's metrics and files are computed in a background thread while the next run's requests run in the
 runtime (whose torch kernels release the GIL): on the quickstart that hides most of the harness's time
@@ -31,13 +31,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from harness import atomic, helm_json, memory_watch, run_lock
-from harness.executor import ExecutionJob, Executor, LocalExecutor
-from harness.policies import run_policy
-from harness.progress import SuiteProgress
-from harness.request_cache import RequestCache, model_identity
-from harness.run_log import RunLog
-from harness.suite import PROJECT_ROOT, RunSpec, Suite, SuiteError
+from harness.helm import json_io
+from harness.planning.policies import run_policy
+from harness.suites import atomic, memory_watch, run_lock
+from harness.suites.executor import ExecutionJob, Executor, LocalExecutor
+from harness.suites.progress import SuiteProgress
+from harness.suites.request_cache import RequestCache, model_identity
+from harness.suites.run_log import RunLog
+from harness.suites.suite import PROJECT_ROOT, RunSpec, Suite, SuiteError
 
 DONE = "done.json"
 HELM_DIR = "_helm"
@@ -59,15 +60,15 @@ class RunOutcome:
 def helm_run_specs(suite: Suite) -> dict[tuple[str, str], object]:
     """HELM RunSpec of every (model, scenario) of `suite`, checked before any work: an unknown scenario or
     argument, or a model HELM cannot register, is a `SuiteError` naming the suite file's line."""
-    from harness import helm_plugin  # importing registers flexhelm's scenarios and prepares the offline env
+    from harness.helm import plugin  # importing registers flexhelm's scenarios and prepares the offline env
     from scenarios.errors import ScenarioArgumentError
     from scenarios.run_specs import build_run_specs
 
     specs, errors = {}, []
     for model in suite.models:
         try:
-            deployment = helm_plugin.register_model(model.name, model.path)
-        except helm_plugin.PluginError as e:
+            deployment = plugin.register_model(model.name, model.path)
+        except plugin.PluginError as e:
             raise SuiteError(f"{suite.source}: model {model.name!r}: {e}") from None
         for entry in suite.scenarios:
             try:
@@ -105,7 +106,7 @@ class SuiteRunner:
     def run(self, suite: Suite) -> list[RunOutcome]:
         """Run every run of `suite` not finished yet; a failed run is logged and the others go on."""
         helm_specs = helm_run_specs(suite)
-        from harness import env_info
+        from harness.suites import env_info
 
         self._services = _HelmServices(self.suite_dir(suite) / HELM_DIR)
         self._env = env_info.collect(PROJECT_ROOT)
@@ -152,7 +153,7 @@ class SuiteRunner:
 
     def claim(self, run: RunSpec) -> tuple[RunOutcome | None, run_lock.RunLock | None]:
         """(None, the run folder's lock) for a run to compute now; (its outcome, None) for one finished before or held
-        by another runner. The lock is held until the run is finished or failed (harness/run_lock.py)."""
+        by another runner. The lock is held until the run is finished or failed (harness/suites/run_lock.py)."""
         if self.is_finished(run):
             return RunOutcome(run.id, "skipped"), None
         run_dir = self.run_dir(run)
@@ -250,7 +251,7 @@ class SuiteRunner:
             "per_instance_stats.json": (remove_per_instance_stats_nans(per_instance), True),
         }
         for name, (value, compact) in helm_outputs.items():
-            atomic.write_text(run_dir / name, helm_json.dumps(helm_json.to_tree(value), compact))
+            atomic.write_text(run_dir / name, json_io.dumps(json_io.to_tree(value), compact))
         ours = {
             "flexhelm_run.json": {**run.to_json(), "key": run.key},
             "policy.json": {**resolved.to_json(), "run_key": run.key},
@@ -309,7 +310,7 @@ class SuiteRunner:
 
 
 def runtime_summary(calls: list[dict], num_requests: int, num_instances: int) -> dict:
-    """Totals over a run's engine calls (`harness.backend.EngineCall.to_json`)."""
+    """Totals over a run's engine calls (`harness.helm.backend.EngineCall.to_json`)."""
     total = {k: sum(c[k] for c in calls) for k in ("wall_s", "prefill_s", "decode_s", "prompt_tokens",
                                                     "generated_tokens")}
     engine_s = total["prefill_s"] + total["decode_s"]
@@ -358,7 +359,7 @@ def _import_helm_classes(helm_specs) -> None:
 
 
 def _spec_key(helm_spec) -> str:
-    return helm_json.dumps(helm_json.to_tree(helm_spec), compact=True)
+    return json_io.dumps(json_io.to_tree(helm_spec), compact=True)
 
 
 def _resolved(outcome: RunOutcome) -> Future:

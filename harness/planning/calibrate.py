@@ -1,8 +1,8 @@
 """`flexhelm profile --fit`: fit the cost model's efficiency factors to a few short measured runs.
 
 FlexGen's fit script meant to fit its constants to measured runs; this does it for our three factors
-(`runtime.hardware.Calibration`). A random-weight model (harness/bench/models.py, built once; OPT-125m or a
-Llama-family shape, `--fit-model`) generates a few short batches under policies that stress different terms:
+(`runtime.hardware.Calibration`). A random-weight model (`random_models`, built once; OPT-125m or a Llama-family
+shape, `--fit-model`) generates a few short batches under policies that stress different terms:
 all in RAM at several batch shapes (compute and per-call overhead) and weights read from disk (I/O). Per phase
 of each run the cost model, uncalibrated, gives the compute seconds C, the number of (layer, micro-batch)
 calls K and the I/O seconds D; then
@@ -11,7 +11,7 @@ calls K and the I/O seconds D; then
 - io factor b and overlap v: over the disk runs' phases, the grid point with the least squared log error
   of measured ~ max(c, b * D) + (1 - v) * min(c, b * D), c = a * C + o * K (v = 1: I/O fully hidden);
 - memory: the median of peak RSS / modelled RAM over the runs (at least 1).
-Each run is a fresh worker process (harness/bench/budget.py: its peak RSS is its own, load included),
+Each run is a fresh worker process (`measure.measure_generate`: its peak RSS is its own, load included),
 timed after an untimed warm-up, with the model's pages evicted first.
 """
 
@@ -22,13 +22,13 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from harness.auto_policy import model_spec
+from harness.planning.auto_policy import model_spec
 
 PROMPT_LEN, GEN_LEN, SEQS = 32, 8, 8
 FIT_MODEL = "opt-125m"
 FIT_MODELS = ("opt-125m", "smollm2-135m", "opt-tiny", "llama-tiny")
-"""Random-weight models (`harness.bench.models`) the fit may run: the efficiency factors are of the machine and
-the engine, but a Llama-shaped model measures the kernels (GQA, SwiGLU, rotary) that Llama-family plans use."""
+"""Random-weight models (`random_models`) the fit may run: the efficiency factors are of the machine and the engine,
+but a Llama-shaped model measures the kernels (GQA, SwiGLU, rotary) that Llama-family plans use."""
 
 
 def fit(hw, model: str = FIT_MODEL, log=print):
@@ -36,12 +36,13 @@ def fit(hw, model: str = FIT_MODEL, log=print):
     import numpy as np
     from scipy.optimize import nnls
 
-    from harness.bench import budget, models
+    from harness.planning import random_models
+    from harness.planning.measure import measure_generate
     from runtime.cost_model import PHASES, Workload, predict
     from runtime.hardware import Calibration
     from runtime.policy import Placement, Policy
 
-    path = models.ensure_model(model)
+    path = random_models.ensure_model(model)
     spec = model_spec(path)
     work = Workload(PROMPT_LEN, GEN_LEN, SEQS)
     policies = [Policy(gpu_batch_size=1, device="cpu"), Policy(gpu_batch_size=8, device="cpu"),
@@ -54,10 +55,10 @@ def fit(hw, model: str = FIT_MODEL, log=print):
     prompts = [[4 + (i * 7 + j) % 1000 for j in range(PROMPT_LEN)] for i in range(SEQS)]
     with tempfile.TemporaryDirectory(prefix="flexhelm-fit-") as scratch:
         for i, policy in enumerate(policies):
-            row, peak = budget.measure_ours(path, policy, prompts, GEN_LEN, Path(scratch) / str(i), "fit", True)
-            measured = {"prefill": row.prefill_s, "decode": row.decode_s}
+            run = measure_generate(path, policy, prompts, GEN_LEN, Path(scratch) / str(i), "fit", True)
+            measured = {"prefill": run.prefill_s, "decode": run.decode_s}
             pred = predict(identity, spec, work, policy)
-            ram.append(peak / (pred.memory["device"] + pred.memory["host"]))
+            ram.append(run.peak_rss / (pred.memory["device"] + pred.memory["host"]))
             steps = {"prefill": 1, "decode": GEN_LEN - 1}
             blocks = -(-SEQS // policy.block_size)
             for phase in PHASES:

@@ -1,5 +1,5 @@
-"""Benchmark models: random weights in the real architectures (OPT and the Llama family), built locally once
-and cached.
+"""Random-weight models in the real architectures (OPT and the Llama family), built locally once and cached: what
+`flexhelm profile --fit` runs (`calibrate.py`), and the benchmarks' models.
 
 Throughput does not depend on weight values, so a random model of the right shape stands in for the real
 checkpoint without any download. Each model is its HF `config.json` (`ARCHS`, the published shapes); models live
@@ -54,7 +54,7 @@ PLAN_ONLY: dict[str, dict] = {
 
 
 def spec(name: str):
-    """The `ModelSpec` of a benchmark model, from its config alone."""
+    """The `ModelSpec` of a random-weight model, from its config alone."""
     from runtime.families import spec_from_config
 
     return spec_from_config(_config(name))

@@ -1,7 +1,7 @@
 """From a suite's runtime variant to the runtime `Policy` a run uses, and what `policy.json` records of it (the plan,
 its prediction and, after a kill, why it was planned again).
 
-`policy: auto` asks the cost-model planner (`harness.auto_policy`, the LP of `runtime.policy_search`) for the
+`policy: auto` asks the cost-model planner (`harness.planning.auto_policy`, the LP of `runtime.policy_search`) for the
 placement of the run's batch and compression within the variant's memory limits; `policy.json` records its
 choice, the prediction (throughput, memory per tier) and the seconds planning took, which count as time in
 the runtime (benchmark W5). The runner keeps a run's first plan for its reruns (`ResolvedPolicy.from_json`):
@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from harness import atomic, memory_watch
+from harness.suites import atomic, memory_watch
 from runtime.cost_model import Workload
 from runtime.errors import PolicyError
 
@@ -103,8 +103,8 @@ def run_workload(model_dir: str, requests: list) -> Workload | None:
     call into the fast tokenizer: a second or so for all of LAMBADA."""
     if not requests:
         return None
-    from harness import auto_policy
-    from harness.backend import default_prefix
+    from harness.helm.backend import default_prefix
+    from harness.planning import auto_policy
     from runtime.checkpoint import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
@@ -116,7 +116,7 @@ def run_workload(model_dir: str, requests: list) -> Workload | None:
 
 
 def resolve_policy(run, requests: list | None = None, ram_limit: int | None = None) -> ResolvedPolicy:
-    """The Policy `run` (a `harness.suite.RunSpec`) executes with; `auto` is planned for its HELM `requests`
+    """The Policy `run` (a `harness.suites.suite.RunSpec`) executes with; `auto` is planned for its HELM `requests`
     (their `run_workload`), or without them for the longest request the model accepts, within the variant's
     memory limits and at most `ram_limit` bytes of RAM (the RAM a Ray task reserved for the run)."""
     started = time.perf_counter()
@@ -127,9 +127,9 @@ def resolve_policy(run, requests: list | None = None, ram_limit: int | None = No
 
 def variant_policy(model_path: str, variant, batch_size: int | None, workload: Workload | None = None,
                    ram_limit: int | None = None, started: float | None = None) -> ResolvedPolicy:
-    """The Policy of `variant` (a `harness.suite.Variant`) at `batch_size` (None: its policy's block): its explicit
-    fields, or `auto` planned for `workload` within its memory limits and at most `ram_limit` bytes of RAM. Suite
-    runs (`resolve_policy`) and the lm-eval model both come here."""
+    """The Policy of `variant` (a `harness.suites.suite.Variant`) at `batch_size` (None: its policy's block): its
+    explicit fields, or `auto` planned for `workload` within its memory limits and at most `ram_limit` bytes of RAM.
+    Suite runs (`resolve_policy`) and the lm-eval model both come here."""
     from runtime.policy import Policy
 
     fields = policy_fields(variant, batch_size)
@@ -156,7 +156,7 @@ def plan_auto(model_path: str, fields: dict, memory: dict, workload: Workload | 
     request (None: the longest the model accepts). Planning LAMBADA's ~100-token passages as if they filled
     SmolLM2's 8192 positions cost 8 micro-batches of 4 and 3x the time. `$FLEXHELM_DEFAULT_POLICY` other than
     `auto` (the test suite's `{}`) keeps the default placement instead."""
-    from harness import auto_policy
+    from harness.planning import auto_policy
     from runtime.policy import Policy
 
     started = time.perf_counter() if started is None else started
@@ -189,11 +189,11 @@ def plan_auto(model_path: str, fields: dict, memory: dict, workload: Workload | 
 
 
 def run_policy(run, run_dir: Path, requests: list, ram_limit: int | None = None) -> ResolvedPolicy:
-    """The policy `run` (a `harness.suite.RunSpec`) computes with in `run_dir`: the one an earlier attempt recorded
-    in policy.json (an `auto` plan depends on the RAM free at the time), else `resolve_policy` for its `requests`
-    within `ram_limit`. An earlier attempt that died without ending (SIGKILL, the OOM killer's signal: see
-    `harness/memory_watch.py`) gets an `auto` policy planned again below the peak RAM it reached; the request cache
-    keeps its finished batches across the new placement (its keys hold only what changes results)."""
+    """The policy `run` (a `harness.suites.suite.RunSpec`) computes with in `run_dir`: the one an earlier attempt
+    recorded in policy.json (an `auto` plan depends on the RAM free at the time), else `resolve_policy` for its
+    `requests` within `ram_limit`. An earlier attempt that died without ending (SIGKILL, the OOM killer's signal: see
+    `harness/suites/memory_watch.py`) gets an `auto` policy planned again below the peak RAM it reached; the request
+    cache keeps its finished batches across the new placement (its keys hold only what changes results)."""
     saved = atomic.read_json(run_dir / "policy.json")
     earlier = ResolvedPolicy.from_json(saved) if saved.get("run_key") == run.key else None
     last = memory_watch.last_attempt(run_dir)

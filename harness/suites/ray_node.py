@@ -1,5 +1,5 @@
-"""The node's side of `flexhelm run --executor ray` (`harness.ray_runner` is the driver's): one run of a suite as a
-Ray task, computed by the local `SuiteRunner` in a node-local scratch results folder, its files sent back.
+"""The node's side of `flexhelm run --executor ray` (`harness.suites.ray_runner` is the driver's): one run of a suite
+as a Ray task, computed by the local `SuiteRunner` in a node-local scratch results folder, its files sent back.
 
 The scratch folder, `$FLEXHELM_CACHE/ray-runs/<driver key>/<suite>/<run>/` on the node, outlives the task: a task
 that Ray starts again after its worker was killed finds the request cache the lost attempt left there and computes
@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import atomic, run_lock
-from harness.executor import LocalExecutor
-from harness.request_cache import whole_lines
-from harness.runner import RunOutcome, SuiteRunner
-from harness.suite import RunSpec, Suite
+from harness.suites import atomic, run_lock
+from harness.suites.executor import LocalExecutor
+from harness.suites.request_cache import whole_lines
+from harness.suites.runner import RunOutcome, SuiteRunner
+from harness.suites.suite import RunSpec, Suite
 
 CACHE = "requests.jsonl"
 SEED_FILES = (CACHE, "policy.json", "run.log")

@@ -2,17 +2,17 @@
 
 The driver (the machine running `flexhelm run`) keeps what makes a suite resumable and safe, as the local runner
 does: it checks the whole suite against HELM before anything is sent, skips finished runs (`done.json` naming the
-run's key), and holds each unfinished run folder's lock (`harness.run_lock`) while the run is in flight, so a local
-`flexhelm run` of the same suite meanwhile reports that run `busy`. Each unfinished run becomes one Ray task that
+run's key), and holds each unfinished run folder's lock (`harness.suites.run_lock`) while the run is in flight, so a
+local `flexhelm run` of the same suite meanwhile reports that run `busy`. Each unfinished run becomes one Ray task that
 runs the local `SuiteRunner` on that single run, on whichever node Ray places it: the same code computes it, so its
 files and metrics are those a local run writes. A task per run (not per batch) because a run loads its model once,
 its `auto` policy is planned where it computes (that node's RAM and hardware profile), and the only traffic is the
 run's files at its end.
 
-Where a task computes: a node-local scratch results folder (`harness.ray_node`), where a retry on the same node
+Where a task computes: a node-local scratch results folder (`harness.suites.ray_node`), where a retry on the same node
 resumes from the request cache the lost attempt left; the driver ships its own copies of the run's resume files
 with the task, so a retry elsewhere resumes too. The task returns the run folder's files as bytes through Ray's
-object store (no shared filesystem for results); the driver writes each one atomically (`harness.atomic`), the
+object store (no shared filesystem for results); the driver writes each one atomically (`harness.suites.atomic`), the
 request cache first and `done.json` last: a driver killed meanwhile leaves whole files and an unfinished run,
 which the next command completes.
 
@@ -42,11 +42,11 @@ import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from harness import atomic, run_lock
-from harness.progress import SuiteProgress
-from harness.ray_node import CACHE, SEED_FILES, NodeJob, NodeResult, forget_scratch, run_on_node
-from harness.runner import DONE, RunOutcome, SuiteRunner, helm_run_specs, summary_line
-from harness.suite import RunSpec, Suite
+from harness.suites import atomic, run_lock
+from harness.suites.progress import SuiteProgress
+from harness.suites.ray_node import CACHE, SEED_FILES, NodeJob, NodeResult, forget_scratch, run_on_node
+from harness.suites.runner import DONE, RunOutcome, SuiteRunner, helm_run_specs, summary_line
+from harness.suites.suite import RunSpec, Suite
 from runtime.errors import FlexhelmError
 
 ENV_FOR_NODES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "FLEXHELM_DEFAULT_POLICY")

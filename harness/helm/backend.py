@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import auto_policy
-from harness.token_text import Rendered, TokenTexts, cut_at_stops, truncate
+from harness.helm.token_text import Rendered, TokenTexts, cut_at_stops, truncate
+from harness.planning import auto_policy
 from runtime.results import CallStats
 
 FINISH_REASONS = {"eos": "endoftext", "stop": "stop", "length": "length"}  # runtime -> HELM's names
@@ -261,6 +261,25 @@ def _output(rendered: Rendered, logprobs: list[float], reason: str):
                            finish_reason={"reason": reason})
 
 
+def with_result(state, result):
+    """HELM's `Executor.process` rule for failures, applied to a `RequestState` and the `RequestResult` we already
+    have for it: a non-fatal error becomes an empty completion, a fatal one an `ExecutorError`. The batch executor
+    of `helm-run` and the suite runner's executor both hand results over this way."""
+    from dataclasses import replace
+
+    from helm.benchmark.executor import ExecutorError
+    from helm.common.hierarchical_logger import hwarn
+    from helm.common.request import GeneratedOutput
+
+    if not result.success:
+        if result.error_flags and not result.error_flags.is_fatal:
+            hwarn(f"Non-fatal error treated as empty completion: {result.error}")
+            result.completions = [GeneratedOutput(text="", logprob=0, tokens=[])]
+        else:
+            raise ExecutorError(f"{result.error} Request: {state.request}")
+    return replace(state, result=result)
+
+
 def _sampling_key(r) -> tuple:
     """Requests that can share one `generate` call. HELM's `top_k_per_token` is how many alternatives to
     report per token (OpenAI's `logprobs`), not top-k sampling, so it plays no part; `random` salts the seed
@@ -294,7 +313,7 @@ def policy_from(value, model_dir: str | os.PathLike | None = None):
             raise PolicyError("the auto policy is planned for a model: pass its folder")
         return auto_policy.plan_for_helm(model_dir)
     if isinstance(value, (str, os.PathLike)):
-        from harness.policies import read_policy_json
+        from harness.planning.policies import read_policy_json
 
         value = read_policy_json(str(value))
     if not isinstance(value, dict):

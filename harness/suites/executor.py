@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from harness.request_cache import RequestCache, request_key
+from harness.suites.request_cache import RequestCache, request_key
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class LocalExecutor:
 
     def execute(self, job: ExecutionJob, states: list, cache: RequestCache,
                 on_batch: Callable[[BatchDone], None]) -> tuple[list, ExecutionReport]:
-        from harness.helm_client import with_result
+        from harness.helm.backend import with_result
 
         policy_json = job.policy.to_json()
         keys = [request_key(job.model_identity, policy_json, s.request) for s in states]
@@ -109,7 +109,7 @@ class LocalExecutor:
             return self.backend_factory(job.model_dir, job.policy)
         key = (job.model_dir, json.dumps(job.policy.to_json(), sort_keys=True))
         if self._held is None or self._held[0] != key:
-            from harness.backend import RuntimeBackend
+            from harness.helm.backend import RuntimeBackend
 
             self.release()
             self._held = (key, RuntimeBackend(job.model_dir, job.policy))

@@ -1,6 +1,6 @@
 """flexhelm's HELM plugin: makes `helm-run` offline and registers local checkpoints as HELM models.
 
-HELM loads it in two ways: `helm-run --plugins harness.helm_plugin ...`, or on its own through the
+HELM loads it in two ways: `helm-run --plugins harness.helm.plugin ...`, or on its own through the
 `helm` entry point in pyproject.toml (every `helm-run` imports every installed entry point). HELM's plugin
 contract is that importing the module registers things, so the last line calls `register()`.
 
@@ -11,7 +11,7 @@ Optional: `FLEXHELM_POLICY` (a runtime Policy as JSON, a JSON file, or `auto`: p
 the model loads; unset: `$FLEXHELM_DEFAULT_POLICY`, by default `auto`), `FLEXHELM_OFFLOAD_DIR`,
 `FLEXHELM_MAX_BATCH` (largest batch handed to the engine, default 256).
 
-Example: `FLEXHELM_MODELS=opt-1.3b=~/models/opt-1.3b helm-run --plugins harness.helm_plugin \\
+Example: `FLEXHELM_MODELS=opt-1.3b=~/models/opt-1.3b helm-run --plugins harness.helm.plugin \\
   -r mmlu:subject=abstract_algebra,model=flexhelm/opt-1.3b --suite S -m 100 -n 64`
 """
 
@@ -26,9 +26,9 @@ import re
 from datetime import date
 from pathlib import Path
 
-from harness import helm_env
+from harness.helm import env
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REFERENCE_MODELS = {"opt-ref": REPO / "models" / "flexhelm-opt-ref"}
 ORGANIZATION = "flexhelm"
 SCENARIO_MODULES = ("scenarios.helm_offline", "scenarios.run_specs")
@@ -42,7 +42,7 @@ class PluginError(RuntimeError):
 
 def register() -> list[str]:
     """Prepare the environment, load flexhelm's scenarios and register every configured model; returns their names."""
-    helm_env.prepare()
+    env.prepare()
     load_scenarios()
     policy = os.environ.get("FLEXHELM_POLICY") or None
     offload_dir = os.environ.get("FLEXHELM_OFFLOAD_DIR") or None
@@ -107,8 +107,8 @@ def register_model(name: str, folder: str | os.PathLike, policy: str | None = No
     )
     from helm.benchmark.tokenizer_config_registry import TokenizerConfig, TokenizerSpec, register_tokenizer_config
 
-    from harness.backend import policy_from
-    from harness.helm_client import CLIENT_CLASS
+    from harness.helm.backend import policy_from
+    from harness.helm.client import CLIENT_CLASS
 
     folder = Path(folder).expanduser().resolve()
     model = f"{ORGANIZATION}/{name}"
@@ -153,7 +153,7 @@ def register_model(name: str, folder: str | os.PathLike, policy: str | None = No
 
 
 def _model_spec(folder: Path):
-    from harness.auto_policy import model_spec
+    from harness.planning.auto_policy import model_spec
 
     return model_spec(folder)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 import time
 
-from harness.executor import BatchDone
+from harness.suites.executor import BatchDone
 
 
 class SuiteProgress:

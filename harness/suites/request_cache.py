@@ -23,7 +23,7 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from harness.helm_json import result_from_json, to_tree
+from harness.helm.json_io import result_from_json, to_tree
 from runtime.errors import disk_full
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
@@ -46,7 +46,7 @@ def whole_lines(data: bytes) -> bytes:
 RESULT_FIELDS = ("compress_weight", "compress_cache", "device")
 """The Policy fields that change a request's result. Placement over tiers, the weight format, overlap and the split
 of a block into micro-batches do not (offloading never changes results: tests/runtime check it), so a run
-replanned after it was killed (`harness/memory_watch.py`) keeps its finished batches."""
+replanned after it was killed (`harness/suites/memory_watch.py`) keeps its finished batches."""
 
 
 def request_key(model: dict, policy: dict, request) -> str:

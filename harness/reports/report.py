@@ -5,7 +5,7 @@ that metric's bootstrap standard error over instances, every HELM stat of the ru
 split, unperturbed), and the runtime's totals (throughput, prefill and decode seconds, tokens, peak memory per
 tier in GiB). Saved as `report.parquet` and `report.csv` next to the runs. The comparison pairs each
 compressed variant with the uncompressed one of the same model, scenario and batch size: the main metric of
-both with standard errors, the difference with its 95% paired bootstrap interval (`harness.paired`), and the
+both with standard errors, the difference with its 95% paired bootstrap interval (`harness.reports.paired`), and the
 speed-up.
 """
 
@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from harness import atomic, paired
+from harness.reports import paired
+from harness.suites import atomic
 from runtime.errors import FlexhelmError
 
 GiB = 2**30
@@ -103,7 +104,7 @@ COMPARISON_COLUMNS = ("model", "scenario", "batch_size", "baseline", "variant", 
 def comparison(frame, suite_dir: str | Path | None = None):
     """For each compressed run, the uncompressed run of the same model, scenario and batch size beside it. With
     the runs' folder, each value's standard error and the difference's 95% paired bootstrap interval over the
-    instances both runs scored (`harness.paired`); without, those columns are NaN."""
+    instances both runs scored (`harness.reports.paired`); without, those columns are NaN."""
     import pandas as pd
 
     nan = float("nan")

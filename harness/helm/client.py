@@ -6,7 +6,7 @@ HELM's executor calls `Client.make_request` once per request, from `--num-thread
 once no new one has arrived for `idle_ms`) and wakes each caller with its result. So the batch reaching
 the engine is as large as the number of threads: `helm-run -n 64 ...` gives batches of up to 64.
 
-`BatchRunner` (`helm-run --runner-class-name harness.helm_client.BatchRunner`) goes further: its executor
+`BatchRunner` (`helm-run --runner-class-name harness.helm.client.BatchRunner`) goes further: its executor
 hands all of a run's requests for flexhelm models to the backend at once (in chunks of `max_batch`),
 through HELM's documented runner hook rather than by patching HELM; other models run as usual.
 """
@@ -16,21 +16,20 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from helm.benchmark.adaptation.request_state import RequestState
 from helm.benchmark.adaptation.scenario_state import ScenarioState
-from helm.benchmark.executor import ExecutionSpec, Executor, ExecutorError
+from helm.benchmark.executor import ExecutionSpec, Executor
 from helm.benchmark.model_deployment_registry import get_model_deployment
 from helm.benchmark.runner import Runner
 from helm.clients.client import Client
 from helm.common.general import parallel_map
-from helm.common.hierarchical_logger import hlog, hwarn
-from helm.common.request import GeneratedOutput, Request, RequestResult
+from helm.common.hierarchical_logger import hlog
+from helm.common.request import Request, RequestResult
 
-from harness.backend import RuntimeBackend, get_backend
+from harness.helm.backend import RuntimeBackend, get_backend, with_result
 
-CLIENT_CLASS = "harness.helm_client.FlexhelmClient"
+CLIENT_CLASS = "harness.helm.client.FlexhelmClient"
 DEFAULT_MAX_BATCH = 256
 DEFAULT_IDLE_MS = 30.0
 
@@ -129,7 +128,7 @@ def get_collector(backend: RuntimeBackend, max_batch: int = DEFAULT_MAX_BATCH,
                   idle_ms: float = DEFAULT_IDLE_MS) -> BatchCollector:
     """One collector per backend, so that every client of a model (HELM may build several) feeds one queue."""
     with _COLLECTORS_LOCK:
-        key = id(backend)  # backends live for the process (cached in harness.backend), so ids stay unique
+        key = id(backend)  # backends live for the process (cached in harness.helm.backend), so ids stay unique
         if key not in _COLLECTORS:
             _COLLECTORS[key] = BatchCollector(backend.process, max_batch, idle_ms / 1000)
         return _COLLECTORS[key]
@@ -175,19 +174,8 @@ class BatchExecutor(Executor):
                              annotator_specs=scenario_state.annotator_specs)
 
 
-def with_result(state: RequestState, result: RequestResult) -> RequestState:
-    """HELM's `Executor.process` rule for failures, applied to a result we already have."""
-    if not result.success:
-        if result.error_flags and not result.error_flags.is_fatal:
-            hwarn(f"Non-fatal error treated as empty completion: {result.error}")
-            result.completions = [GeneratedOutput(text="", logprob=0, tokens=[])]
-        else:
-            raise ExecutorError(f"{result.error} Request: {state.request}")
-    return replace(state, result=result)
-
-
 class BatchRunner(Runner):
-    """HELM's `Runner` with the `BatchExecutor`: `helm-run --runner-class-name harness.helm_client.BatchRunner`."""
+    """HELM's `Runner` with the `BatchExecutor`: `helm-run --runner-class-name harness.helm.client.BatchRunner`."""
 
     def __init__(self, execution_spec: ExecutionSpec, *args, **kwargs) -> None:
         super().__init__(execution_spec, *args, **kwargs)
