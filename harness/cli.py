@@ -17,16 +17,16 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 def _policy(args: argparse.Namespace, prompt_lens: list[int] | None = None):
     """The Policy from --policy (file or inline JSON, or `auto`: planned), then --percent and the single flags
     on top. Without --policy and --percent: `$FLEXHELM_DEFAULT_POLICY`, by default `auto`."""
-    from harness.planning.policies import read_policy_json
+    from harness.planning.policies import parse_policy
     from runtime.errors import PolicyError
     from runtime.policy import Placement, Policy
 
-    fields: dict = {}
-    given = args.policy if args.policy is not None or args.percent else auto_policy.default_policy_text()
-    if given == auto_policy.AUTO:
-        return _auto_policy(args, prompt_lens or [1])
-    if given:
-        fields = read_policy_json(given, "--policy")
+    if args.policy is None and args.percent:
+        fields: dict = {}  # --percent alone: the default placement's fields, overridden below
+    else:
+        fields = parse_policy(args.policy, "--policy")  # None: $FLEXHELM_DEFAULT_POLICY
+        if fields is None:
+            return _auto_policy(args, prompt_lens or [1])
     if args.percent:
         wg, wc, cg, cc, hg, hc = (p / 100 for p in args.percent)
         fields.update(weights=Placement(wg, wc), cache=Placement(cg, cc), activations=Placement(hg, hc))
@@ -53,8 +53,8 @@ def _auto_policy(args: argparse.Namespace, prompt_lens: list[int]):
         ("device", "device"), ("overlap", "overlap"), ("cpu_attention", "cpu_attention"))
         if getattr(args, flag) is not None})
     compress = [(q if args.compress_weight else None, q if args.compress_cache else None)]
-    plan = auto_policy.plan(args.model, max(prompt_lens), args.max_new_tokens, len(prompt_lens), base,
-                            plan_cli.limits(args), args.hardware, compress,
+    work = auto_policy.workload(max(prompt_lens), args.max_new_tokens, len(prompt_lens))
+    plan = auto_policy.plan(args.model, work, base, plan_cli.limits(args), args.hardware, compress,
                             [args.batch_size] if args.batch_size else None,
                             [args.num_batches] if args.num_batches else None, args.offload_dir)
     p = plan.prediction

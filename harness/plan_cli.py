@@ -47,7 +47,8 @@ def describe(plan, hw_note: str = "") -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    plan = auto_policy.plan(args.model, args.prompt_len, args.gen_len, args.num_seqs, limits=limits(args),
+    work = auto_policy.workload(args.prompt_len, args.gen_len, args.num_seqs)
+    plan = auto_policy.plan(args.model, work, limits=limits(args),
                             hardware=args.hardware,
                             compress=auto_policy.compressions(args.compress, args.bits, args.group_size),
                             batch_sizes=[args.batch_size] if args.batch_size else None,

@@ -18,14 +18,14 @@ from harness.planning.worker import Worker
 _GiB = 2**30
 
 
-def plan_auto(path: Path, prompts: int, prompt_len: int, output_len: int, limit: int):
-    """(the `auto` plan, the HardwareSpec it used): this machine's profile (measured once, cached) for a
-    process of `limit` bytes."""
+def plan_for_budget(path: Path, work, limit: int):
+    """(the `auto` plan of `work`, the HardwareSpec it used): the product's planner (`auto_policy.plan`) on this
+    machine's profile (measured once, cached) for a process of `limit` bytes."""
     from harness.planning.auto_policy import Limits, hardware_for, plan
     from runtime.policy import Policy
 
     limits = Limits(host=limit)
-    return plan(path, prompt_len, output_len, prompts, Policy(device="cpu"), limits), hardware_for(limits=limits)
+    return plan(path, work, Policy(device="cpu"), limits), hardware_for(limits=limits)
 
 
 def measure_ours(path: Path, policy, prompts: w1.Ids, n: int, offload: Path, label: str = "ours",

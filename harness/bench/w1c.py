@@ -17,6 +17,7 @@ from harness.bench import budget, report, w1
 from harness.bench.measure import OtherLoad
 from harness.bench.workloads import Workload
 from harness.planning import random_models
+from runtime.cost_model import Workload as CostWorkload
 
 _GiB = 2**30
 
@@ -29,7 +30,7 @@ def run(w: Workload, out_dir: Path) -> str:
     print(f"{w.name}: {w.model}, {w.batch} prompts, prompt {w.prompt_len}, output {w.output_len}, RAM budget "
           f"{limit / _GiB:.3g} GiB for the whole process", flush=True)
     prompts = w1.random_prompts(w, spec.vocab_size)
-    plan, _ = budget.plan_auto(path, w.batch, w.prompt_len, w.output_len, limit)
+    plan, _ = budget.plan_for_budget(path, CostWorkload(w.prompt_len, w.output_len, w.batch), limit)
     print(f"{w.name} auto plan: {plan.policy.gpu_batch_size}x{plan.policy.num_gpu_batches}, weight_format "
           f"{plan.policy.weight_format.value}, weights on disk {plan.policy.weights.disk:.0%}, cache on disk "
           f"{plan.policy.cache.disk:.0%}; predicted {plan.prediction.throughput:.2f} tok/s, "

@@ -74,8 +74,8 @@ def run(w: Workload, out_dir: Path) -> str:
         grid = grid[:QUICK_GRID] if w.quick else grid
         grid = [replace(p, gpu_batch_size=min(p.gpu_batch_size, s.batch)) for p in grid]
         prompts = w1.random_prompts(s, spec_model.vocab_size)
-        plan, hw = budget.plan_auto(path, s.batch, s.prompt_len, s.output_len, s.ram_budget)
         work = CostWorkload(s.prompt_len, s.output_len, s.batch)
+        plan, hw = budget.plan_for_budget(path, work, s.ram_budget)
         print(f"{w.name} {name} setup: {s.batch} prompts, budget {s.ram_budget / _GiB:.3g} GiB; {len(grid)} "
               f"hand-written policies + auto", flush=True)
         measured = []  # (label, policy, row, peak, predicted throughput)

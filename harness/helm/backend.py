@@ -298,29 +298,31 @@ def default_prefix(tokenizer) -> list[int]:
 
 
 def policy_from(value, model_dir: str | os.PathLike | None = None):
-    """A runtime `Policy` from a Policy, a dict, a JSON string, a path to a JSON file, `auto` (planned by the
-    cost model for `model_dir`, see `auto_policy.plan_for_helm`), or None: `$FLEXHELM_DEFAULT_POLICY`, by
-    default `auto`."""
+    """A runtime `Policy` from what `policies.parse_policy` reads; `auto` (or None under the default) is planned
+    once per model folder for the longest request the model accepts, since HELM's requests are not known up front:
+    prompts filling the context but `auto_policy.HELM_GEN_LEN` tokens, room for the KV cache of any request."""
+    from harness.planning.policies import parse_policy
     from runtime.errors import PolicyError
     from runtime.policy import Policy
 
     if isinstance(value, Policy):
         return value
-    if value is None:
-        value = auto_policy.default_policy_text()
-    if value == auto_policy.AUTO:
-        if model_dir is None:
-            raise PolicyError("the auto policy is planned for a model: pass its folder")
-        return auto_policy.plan_for_helm(model_dir)
-    if isinstance(value, (str, os.PathLike)):
-        from harness.planning.policies import read_policy_json
+    fields = parse_policy(value)
+    if fields is not None:
+        return Policy.from_json(fields)
+    if model_dir is None:
+        raise PolicyError("the auto policy is planned for a model: pass its folder")
+    key = str(Path(model_dir).expanduser().resolve())
+    if key not in _AUTO_PLANS:
+        from runtime.cost_model import Workload
 
-        value = read_policy_json(str(value))
-    if not isinstance(value, dict):
-        raise PolicyError(f"a policy must be a JSON object of runtime.Policy fields, got {value!r}")
-    return Policy.from_json(value)
+        work = Workload(*auto_policy.longest_request(auto_policy.model_spec(key)))
+        _AUTO_PLANS[key] = auto_policy.plan(key, work).policy
+    return _AUTO_PLANS[key]
 
 
+_AUTO_PLANS: dict[str, object] = {}
+"""The `auto` policy of each model folder, planned once per process."""
 _BACKENDS: dict[tuple, RuntimeBackend] = {}
 _BACKENDS_LOCK = threading.Lock()
 

@@ -35,7 +35,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from harness.planning.policies import ResolvedPolicy, policy_fields, read_policy_json, variant_policy
+from harness.planning.policies import ResolvedPolicy, parse_policy, policy_fields, variant_policy
 from harness.suites.suite import Compression, Variant
 from runtime.cost_model import Workload
 from runtime.errors import InputError, PolicyError
@@ -64,7 +64,8 @@ class FlexhelmLM(TemplateLM):
         self.model_dir = _checkpoint(str(pretrained))
         self.tokenizer = load_tokenizer(self.model_dir)
         self.spec = auto_policy.model_spec(self.model_dir)
-        requested = "auto" if policy == "auto" else read_policy_json(str(policy), "policy")
+        fields = parse_policy(str(policy), "policy")
+        requested = "auto" if fields is None else fields
         if device is not None and isinstance(requested, dict):
             requested = {**requested, "device": device}
         compress = {(False, False): Compression.OFF, (True, False): Compression.WEIGHTS,

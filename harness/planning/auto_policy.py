@@ -130,21 +130,27 @@ def model_spec(model_dir: str | os.PathLike):
     return spec_from_config(config)
 
 
-def plan(model_dir, prompt_len: int, gen_len: int, num_seqs: int | None = None, base=None,
-         limits: Limits | None = None, hardware: str | None = None, compress: list | None = None,
-         batch_sizes: list[int] | None = None, num_batches: list[int] | None = None, offload_dir: str | None = None,
-         scoring: bool = False):
-    """A `runtime.policy_search.Plan` for generating on this checkpoint (`scoring`: for scoring prompts, which
-    keeps no KV cache); memory limits are honoured."""
+def workload(prompt_len: int, gen_len: int, num_seqs: int | None = None):
+    """A `runtime.cost_model.Workload` from a user's numbers; an `InputError` saying which is out of range."""
     from runtime.cost_model import Workload
     from runtime.errors import InputError
+
+    try:
+        return Workload(prompt_len, gen_len, num_seqs)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def plan(model_dir, work, base=None, limits: Limits | None = None, hardware: str | None = None,
+         compress: list | None = None, batch_sizes: list[int] | None = None, num_batches: list[int] | None = None,
+         offload_dir: str | None = None):
+    """The planner: a `runtime.policy_search.Plan` for `work` (a `runtime.cost_model.Workload`) on this checkpoint,
+    within the memory `limits`. Every `auto` policy is searched here; its callers only say what the workload is:
+    `flexhelm generate` its prompts, `flexhelm plan` its flags, a suite run or an lm-eval call its requests
+    (`policies.variant_policy`), HELM's backend the longest request the model accepts, the benchmarks their workload."""
     from runtime.policy_search import search
     from runtime.weights import weight_levels
 
-    try:
-        work = Workload(prompt_len, gen_len, num_seqs, scoring)
-    except ValueError as e:
-        raise InputError(str(e)) from None
     hw = hardware_for(hardware, limits, offload_dir)
     spec = model_spec(model_dir)
     # The runtime keeps whole tensors in a tier: plan with the weight fractions it realises as planned.
@@ -159,19 +165,6 @@ def hardware_for(hardware: str | None = None, limits: Limits | None = None, offl
     if not (hardware or os.environ.get("FLEXHELM_HARDWARE")):
         hw = usable_now(hw)
     return (limits or Limits()).apply(hw)
-
-
-_HELM_PLANS: dict[str, object] = {}
-
-
-def plan_for_helm(model_dir) -> object:
-    """The auto policy of the HELM backend, planned once per model folder. HELM's requests are not known
-    up front, so it plans for the longest: prompts filling the context but `HELM_GEN_LEN` tokens, which
-    leaves room for the KV cache of any request the model accepts."""
-    key = str(Path(model_dir).expanduser().resolve())
-    if key not in _HELM_PLANS:
-        _HELM_PLANS[key] = plan(key, *longest_request(model_spec(key))).policy
-    return _HELM_PLANS[key]
 
 
 def longest_request(spec) -> tuple[int, int]:

@@ -49,22 +49,37 @@ class ResolvedPolicy:
                    replanned=data.get("replanned"))
 
 
-def read_policy_json(text: str, what: str = "policy") -> dict:
-    """Policy fields from inline JSON or the path of a JSON file (the one reader of `--policy`,
-    `$FLEXHELM_POLICY` and the HELM backend's policies); a `PolicyError` naming `what` otherwise."""
+def parse_policy(value, what: str = "policy") -> dict | None:
+    """The one reader of policies (`--policy`, lm-eval's `policy=`, the HELM backend's and plugin's): a
+    `runtime.Policy`, a dict of its fields, inline JSON, the path of a JSON file, `auto`, or None (then
+    `$FLEXHELM_DEFAULT_POLICY`, by default `auto`) -> the Policy fields, or None for `auto` (the caller plans it
+    through `auto_policy.plan` for the workload it knows); a `PolicyError` naming `what` otherwise."""
     import json
-    from pathlib import Path
+    import os
 
-    path = Path(text).expanduser()
-    if not text.lstrip().startswith("{") and path.is_file():
-        text = path.read_text()
-    try:
-        fields = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PolicyError(f"{what} {text[:80]!r} is neither a JSON object nor a readable JSON file ({e})") from None
-    if not isinstance(fields, dict):
-        raise PolicyError(f"{what} must be a JSON object of runtime.Policy fields, got {fields!r}")
-    return fields
+    from harness.planning import auto_policy
+    from runtime.policy import Policy
+
+    if value is None:
+        value = auto_policy.default_policy_text()
+    if isinstance(value, Policy):
+        return value.to_json()
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if value == auto_policy.AUTO:
+        return None
+    if isinstance(value, str):
+        text, path = value, Path(value).expanduser()
+        if not text.lstrip().startswith("{") and path.is_file():
+            text = path.read_text()
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PolicyError(f"{what} {text[:80]!r} is neither a JSON object nor a readable JSON file ({e}); "
+                              "or `auto`") from None
+    if not isinstance(value, dict):
+        raise PolicyError(f"{what} must be a JSON object of runtime.Policy fields, got {value!r}")
+    return dict(value)
 
 
 def policy_fields(variant, batch_size: int | None) -> dict:
@@ -138,7 +153,7 @@ def variant_policy(model_path: str, variant, batch_size: int | None, workload: W
     memory = dict(variant.memory)
     if ram_limit is not None:  # `host` is RAM on every machine (on a CPU-only one it also caps the device tier)
         memory["host"] = min(memory.get("host", ram_limit), ram_limit)
-    return plan_auto(model_path, fields, memory, workload, started)
+    return _plan_at_block(model_path, fields, memory, workload, started)
 
 
 def pick_plan(plans: list):
@@ -149,7 +164,7 @@ def pick_plan(plans: list):
     return max((p for p in plans if p.prediction.throughput >= 0.9 * best), key=lambda p: p.policy.gpu_batch_size)
 
 
-def plan_auto(model_path: str, fields: dict, memory: dict, workload: Workload | None,
+def _plan_at_block(model_path: str, fields: dict, memory: dict, workload: Workload | None,
               started: float | None = None) -> ResolvedPolicy:
     """`policy: auto`: the planner picks placement, weight format and the shape of the block (its size stays
     `fields`' block) within the `memory` limits (`auto_policy.Limits` fields), for `workload`, the longest
@@ -163,17 +178,16 @@ def plan_auto(model_path: str, fields: dict, memory: dict, workload: Workload | 
     base = Policy.from_json(fields)
     if auto_policy.default_policy_text() != auto_policy.AUTO:
         return ResolvedPolicy(base, "auto", "auto: default placement ($FLEXHELM_DEFAULT_POLICY)")
-    if workload is None:  # provision the longest request the model accepts (as `auto_policy.plan_for_helm`)
+    if workload is None:  # provision the longest request the model accepts (as HELM's backend does)
         workload = Workload(*auto_policy.longest_request(auto_policy.model_spec(model_path)))
     prompt_len, gen = workload.prompt_len, workload.gen_len
     plans, error = [], None
     for g in [g for g in range(1, base.block_size + 1) if base.block_size % g == 0]:  # the block size is given
         try:
             plans.append(auto_policy.plan(
-                model_path, prompt_len, gen, num_seqs=base.block_size, base=base,
+                model_path, replace(workload, num_seqs=base.block_size), base=base,
                 limits=auto_policy.Limits(**memory), batch_sizes=[g],
-                num_batches=[base.block_size // g], compress=[(base.compress_weight, base.compress_cache)],
-                scoring=workload.scoring))
+                num_batches=[base.block_size // g], compress=[(base.compress_weight, base.compress_cache)]))
         except PolicyError as e:  # this shape does not fit: another may
             error = e
     if not plans:

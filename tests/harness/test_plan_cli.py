@@ -99,12 +99,12 @@ def test_sizes_parse_with_units():
 
 
 def test_harness_backend_plans_auto_for_the_model(tiny_opt, cpu_json, monkeypatch):
+    from harness.helm import backend
     from harness.helm.backend import policy_from
-    from harness.planning import auto_policy
 
     path, _ = tiny_opt("pre")
     monkeypatch.setenv("FLEXHELM_HARDWARE", str(cpu_json))
-    monkeypatch.setattr(auto_policy, "_HELM_PLANS", {})
+    monkeypatch.setattr(backend, "_AUTO_PLANS", {})
     policy = policy_from("auto", path)
     assert policy.weights.device == policy.cache.device == 1.0
     monkeypatch.setenv("FLEXHELM_DEFAULT_POLICY", "auto")
