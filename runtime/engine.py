@@ -11,6 +11,7 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -228,48 +229,19 @@ class Engine:
             self._check_length(len(inputs[-1]), f"item {i}: context ({len(c)}) + continuation ({len(x)}) - 1")
         per_token: list[list[float]] = [[] for _ in inputs]
         greedy = [False] * len(inputs)
-        head = len(self.layers) - 1
+        head = ScoringHead(self.layers[-1], self.spec.vocab_size, continuations, per_token, greedy)
         with torch.inference_mode():
             for block in batching.plan_blocks([len(s) for s in inputs], self.policy.block_size):
                 timer.start()
                 ids, valid = batching.left_pad([inputs[i] for i in block], self.pad_id, self.device)
-                T = ids.shape[1]
                 pos = batching.positions(valid)
                 mbs = batching.split(block, self.policy.gpu_batch_size)
                 window = self.spec.sliding_window
-                ctxs = [self._context(pos[mb], batching.prefill_mask(valid[mb], window), 0) for mb in mbs]
-                hidden = self.runner.forward([ids[mb] for mb in mbs], ctxs, None, stop=head)
-                w = self.weights.fetch(head)
-                for mb, h in zip(mbs, hidden):
-                    rows = block[mb]
-                    c_max = max(len(continuations[i]) for i in rows)
-                    chunk = max(1, _LOGIT_CHUNK // (len(rows) * self.spec.vocab_size))
-                    for start in range(T - c_max, T, chunk):
-                        end = min(start + chunk, T)
-                        ctx = StepContext(pos[mb], None, 0, slice(start, end), self.dtype)
-                        lp = torch.log_softmax(self.layers[head].forward(w, h, ctx, None).float(), -1)  # (b, t, V)
-                        self._collect(lp, start, T, rows, continuations, per_token, greedy)
+                ctxs = [replace(self._context(pos[mb], batching.prefill_mask(valid[mb], window), 0), score=block[mb])
+                        for mb in mbs]
+                self.runner.forward([ids[mb] for mb in mbs], ctxs, None, head=head)
                 timer.stop("prefill")
         return per_token, greedy
-
-    @staticmethod
-    def _collect(lp: torch.Tensor, start: int, T: int, rows: list[int], continuations: list,
-                 per_token: list[list[float]], greedy: list[bool]) -> None:
-        """Pick each row's continuation log-probs from logits at input positions [start, start + t)."""
-        t = lp.shape[1]
-        best = lp.argmax(-1)  # (b, t)
-        for r, i in enumerate(rows):
-            cont = continuations[i]
-            first = T - len(cont)  # input position whose logits predict cont[0]
-            lo, hi = max(first, start), min(T, start + t)
-            if lo >= hi:
-                continue
-            targets = torch.as_tensor(cont[lo - first:hi - first], device=lp.device)
-            got = lp[r, lo - start:hi - start].gather(-1, targets[:, None])[:, 0]
-            if lo == first:
-                greedy[i] = True
-            per_token[i].extend(got.tolist())
-            greedy[i] = greedy[i] and bool((best[r, lo - start:hi - start] == targets).all())
 
     # ---- helpers ----------------------------------------------------------------------------
     def _context(self, positions: torch.Tensor, mask: torch.Tensor | None, cache_start: int,
@@ -292,6 +264,48 @@ class Engine:
         peaks["disk"] = weights["disk"] + self.runner.scratch_peak
         return CallStats(timer.totals["prefill"], timer.totals["decode"], prompt_tokens, generated, peaks,
                          planned)
+
+
+class ScoringHead:
+    """The head layer of a scoring pass (`Engine.score`, `score_rolling`), run by the block schedule in the head's
+    place: each micro-batch's logits a chunk of positions at a time (the whole (b, T, V) of a long window would not
+    fit), reduced at once to the log-probs of each row's continuation and whether it is the greedy one."""
+
+    def __init__(self, head, vocab_size: int, continuations: list, per_token: list[list[float]],
+                 greedy: list[bool]) -> None:
+        self.head, self.vocab_size = head, vocab_size
+        self.continuations, self.per_token, self.greedy = continuations, per_token, greedy
+
+    def forward(self, w, h: torch.Tensor, ctx: StepContext, cache=None) -> torch.Tensor:
+        """h (b, T, hidden) of the items `ctx.score` -> nothing to carry on: (b, 0)."""
+        rows = ctx.score
+        T = h.shape[1]
+        c_max = max(len(self.continuations[i]) for i in rows)
+        chunk = max(1, _LOGIT_CHUNK // (len(rows) * self.vocab_size))
+        for start in range(T - c_max, T, chunk):
+            end = min(start + chunk, T)
+            step = StepContext(ctx.positions, None, 0, slice(start, end), ctx.dtype)
+            lp = torch.log_softmax(self.head.forward(w, h, step, None).float(), -1)  # (b, t, V)
+            self._collect(lp, start, T, rows)
+        return h.new_empty(h.shape[0], 0)
+
+    def _collect(self, lp: torch.Tensor, start: int, T: int, rows: list[int]) -> None:
+        """Pick each row's continuation log-probs from logits at input positions [start, start + t)."""
+        continuations, per_token, greedy = self.continuations, self.per_token, self.greedy
+        t = lp.shape[1]
+        best = lp.argmax(-1)  # (b, t)
+        for r, i in enumerate(rows):
+            cont = continuations[i]
+            first = T - len(cont)  # input position whose logits predict cont[0]
+            lo, hi = max(first, start), min(T, start + t)
+            if lo >= hi:
+                continue
+            targets = torch.as_tensor(cont[lo - first:hi - first], device=lp.device)
+            got = lp[r, lo - start:hi - start].gather(-1, targets[:, None])[:, 0]
+            if lo == first:
+                greedy[i] = True
+            per_token[i].extend(got.tolist())
+            greedy[i] = greedy[i] and bool((best[r, lo - start:hi - start] == targets).all())
 
 
 class _Timer:

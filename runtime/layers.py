@@ -33,6 +33,8 @@ class StepContext:
     """Compute dtype of activations."""
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None
     """Rotary models: (cos, sin), each (B, 1, T, head_dim) at `positions`, computed once per step for all layers."""
+    score: object | None = None
+    """Scoring: which items' continuations this micro-batch's head scores (the engine's `ScoringHead` reads it)."""
 
 
 class Layer(Protocol):

@@ -17,18 +17,16 @@ from runtime.weights import WeightStore
 
 
 def run_layers(layers: list[Layer], weights: WeightStore, acts: Activations, contexts: list[StepContext],
-               caches: list[dict[int, object]] | None, stop: int | None = None,
-               overlap: bool = True) -> list[torch.Tensor]:
-    """Run layers [0, stop) over every micro-batch; `acts` holds each micro-batch's input and output."""
-    run = layers[:stop]
+               caches: list[dict[int, object]] | None, overlap: bool = True) -> list[torch.Tensor]:
+    """Run every layer over every micro-batch; `acts` holds each micro-batch's input and output."""
     last = len(layers) - 1
     nb = len(contexts)
-    for i, layer in enumerate(run):
+    for i, layer in enumerate(layers):
         # overlap: read the next layers' weights (a whole step: then the next step's first) while this one computes
-        w = weights.fetch_ahead(i, len(run), wrap=len(run) == len(layers)) if overlap else weights.fetch(i)
+        w = weights.fetch_ahead(i, len(layers), wrap=True) if overlap else weights.fetch(i)
         for k, ctx in enumerate(contexts):
             if overlap:
-                _prefetch_next(i, k, nb, run, acts, contexts, caches)
+                _prefetch_next(i, k, nb, layers, acts, contexts, caches)
             cache = caches[k].get(i) if caches is not None else None
             acts.put(k, layer.forward(w, acts.get(k), ctx, cache), offload=i < last)
     return [acts.get(k) for k in range(nb)]
@@ -97,10 +95,13 @@ class BlockRunner:
         self._pool.clear()  # a new shape: caches of other shapes would only hold memory the plan did not count
         return torch.empty(shape, dtype=dtype, device=device)
 
-    def forward(self, xs: list[torch.Tensor], contexts: list[StepContext], caches, stop: int | None = None):
+    def forward(self, xs: list[torch.Tensor], contexts: list[StepContext], caches, head=None):
+        """The block's micro-batches through every layer; `head` replaces the last layer (scoring's head, which
+        reduces logits to log-probs a chunk at a time), its weights still read by the schedule."""
         acts = Activations(xs, self.policy.activations, self.device, self.io, self.offload, self.ring)
+        layers = self.layers if head is None else [*self.layers[:-1], head]
         try:
-            return run_layers(self.layers, self.weights, acts, contexts, caches, stop, self.policy.overlap)
+            return run_layers(layers, self.weights, acts, contexts, caches, self.policy.overlap)
         finally:
             self.note_scratch()
             acts.close()
