@@ -22,20 +22,32 @@ def _grouped(items: list[list[int]], batch: int):
             yield idx[i:i + batch]
 
 
+LOGIT_CHUNK = 2**25
+"""Logits computed at once (fp32 values): a batch of 8192-token windows over a 49152-token vocabulary would need
+25.8 GB at batch 16, so the head runs over a chunk of positions at a time."""
+
+
 def token_logprobs(model, seqs: list[list[int]], batch: int = 8) -> list:
     """Per sequence, log p(seq[i] | seq[:i]) for i >= 1 (a float64 tensor) and whether each was the argmax."""
     import torch
 
+    body, head = model.base_model, model.get_output_embeddings()  # hidden states (normed), then the vocabulary
     out: list = [None] * len(seqs)
     with torch.no_grad():
         for idx in _grouped(seqs, batch):
-            x = torch.tensor([seqs[i] for i in idx])
-            lp = torch.log_softmax(model(input_ids=x[:, :-1]).logits.double(), -1)
+            x = torch.tensor([seqs[i] for i in idx])  # (b, T)
             tgt = x[:, 1:]
-            got = lp.gather(-1, tgt[..., None])[..., 0]
-            hit = lp.argmax(-1) == tgt
+            h = body(input_ids=x[:, :-1]).last_hidden_state  # (b, T-1, hidden)
+            step = max(1, LOGIT_CHUNK // (x.shape[0] * head.weight.shape[0]))
+            got, hit = [], []
+            for a in range(0, h.shape[1], step):
+                lp = torch.log_softmax(head(h[:, a:a + step]).double(), -1)  # (b, t, V)
+                t = tgt[:, a:a + step]
+                got.append(lp.gather(-1, t[..., None])[..., 0])
+                hit.append(lp.argmax(-1) == t)
+            got_all, hit_all = torch.cat(got, 1), torch.cat(hit, 1)
             for j, i in enumerate(idx):
-                out[i] = (got[j], hit[j])
+                out[i] = (got_all[j], hit_all[j])
     return out
 
 
