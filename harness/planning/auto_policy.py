@@ -61,8 +61,7 @@ class Limits:
         """`hw` with these limits. On a CPU-only host RAM is the device tier: --host-mem limits it too."""
         if hw.accelerator:
             return hw.with_memory(self.device, self.host, self.disk)
-        ram = [v for v in (self.device, self.host) if v is not None]
-        return hw.with_memory(min(ram) if ram else None, None, self.disk)
+        return hw.with_memory(self.ram, None, self.disk)
 
     @property
     def ram(self) -> int | None:

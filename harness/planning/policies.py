@@ -50,20 +50,17 @@ class ResolvedPolicy:
 
 
 def parse_policy(value, what: str = "policy") -> dict | None:
-    """The one reader of policies (`--policy`, lm-eval's `policy=`, the HELM backend's and plugin's): a
-    `runtime.Policy`, a dict of its fields, inline JSON, the path of a JSON file, `auto`, or None (then
+    """The one reader of policies (`--policy`, lm-eval's `policy=`, the HELM backend's and plugin's): a dict of
+    `runtime.Policy` fields, inline JSON, the path of a JSON file, `auto`, or None (then
     `$FLEXHELM_DEFAULT_POLICY`, by default `auto`) -> the Policy fields, or None for `auto` (the caller plans it
     through `auto_policy.plan` for the workload it knows); a `PolicyError` naming `what` otherwise."""
     import json
     import os
 
     from harness.planning import auto_policy
-    from runtime.policy import Policy
 
     if value is None:
         value = auto_policy.default_policy_text()
-    if isinstance(value, Policy):
-        return value.to_json()
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if value == auto_policy.AUTO:
