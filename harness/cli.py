@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stored dtype of the dequantized weights (float32 holds them exactly, at twice the size)")
     i.set_defaults(func=cmd_import_gguf)
 
-    b = sub.add_parser("bench", help="run a benchmark workload (W1a, W1b, W1L, W1c, W2, W2L, W3, W4, W5, quality; "
+    b = sub.add_parser("bench", help="run a benchmark workload (W1a, W1b, W1L, W1c, W2, W2L, W3, W4, W5, W6, quality; "
                                       "see the README)")
     b.add_argument("name")
     b.add_argument("--out", default="results/bench", help="folder for the CSV and PNG")

@@ -4,17 +4,18 @@ One handler per config (`WeightCodec`) decides per matrix between two stored for
 uint8 buffer of the same size (about 0.28x fp16 at 4 bits, group 64):
 
 - `int4-cpu`: the packed form of torch's fused group-wise int4 kernel for the CPU
-  (`aten._weight_int4pack_mm_for_cpu`, a private API wrapped here only). Measured here ~110 GFLOP/s at
-  m = 8..256 with bf16 activations, against 31-56 for fp32 at decode sizes, reading 1/8 of the bytes.
-  Its packing is tiled and opaque, and converting to it costs ~10 ns a weight (more than the decode
-  matmul itself), so it is the stored form: converted once when the weight is quantized, never per step.
+  (`aten._weight_int4pack_mm_for_cpu`, a private API wrapped here only). Measured ~110-190 GFLOP/s whatever
+  m, with bf16 activations, against 30-300 for fp32 at decode sizes, reading 1/8 of the bytes. Converting to
+  its tiled packing costs ~10 ns a weight (more than the decode matmul itself), so it is the stored form:
+  converted once when the weight is quantized, never per step; its layout is unpacked here (`unpack_int4pack`)
+  for steps of many rows, which run in the fp32 GEMM on dequantized blocks (`Int4Weight.dense`).
   Buffer: packed (N, K/2) uint8, then scales and zeros bf16 (K/group, N, 2), zero = value of code 8.
 - `grouped`: the portable packed format of `runtime.quant` (any bits, either axis, CUDA), dequantized
   next to compute into a reused buffer of the compute dtype.
 
-The kernel computes in bf16, so its products differ from dequantize-then-fp32 by bf16 rounding
-(~0.3% relative); a weight's form depends only on its shape and the config, never on its tier, so
-offloading does not change results.
+The kernel computes with bf16 activations, so its products differ from the dense path's fp32 ones by bf16
+rounding (~0.3% relative); which path a step takes depends only on its rows and the policy, and a weight's form
+only on its shape and the config, never on its tier, so offloading does not change results.
 """
 
 from __future__ import annotations
@@ -23,26 +24,38 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.policy import QuantConfig, int4_kernel_fits
+from runtime.policy import INT4_DENSE_ROWS, QuantConfig, int4_kernel_fits
 from runtime.quant import QuantizedTensor, dequantize, layout_of, quantize
 
 
 @dataclass(frozen=True)
 class Int4Weight:
-    """A weight W (N, K) in the CPU int4 kernel's form: views into one flat uint8 buffer."""
+    """A weight W (N, K) in the CPU int4 kernel's form: views into one flat uint8 buffer.
+
+    `linear` (runtime.kernels) multiplies a step of fewer than `dense_rows` rows in the kernel (`matmul`) and a
+    larger one in the fp32 GEMM over `blocks()` of rows dequantized into `scratch`: the kernel (~110-190
+    GFLOP/s measured, whatever m) runs below the fp32 GEMM at prefill sizes (170-440), and the dequantization
+    (~0.6 ns a weight, into a cache-sized block) is paid back from about 100-130 rows."""
 
     packed: torch.Tensor
-    """uint8 (N, K/2), the kernel's tiled packing."""
+    """uint8 (N, K/2), the kernel's tiled packing (`unpack_int4pack`)."""
     scales_zeros: torch.Tensor
     """bf16 (K/group, N, 2): step and value of code 8 per group."""
     group_size: int
+    scratch: torch.Tensor | None = None
+    """Flat fp32 buffer for dequantized row blocks; None: always the kernel."""
+    dense_rows: int = INT4_DENSE_ROWS
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.packed.shape[0], self.packed.shape[1] * 2
 
+    def dense(self, rows: int) -> bool:
+        """Whether a product of `rows` rows runs on dequantized blocks (`blocks`) rather than in the kernel."""
+        return self.scratch is not None and rows >= self.dense_rows
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x (..., K) -> x @ W^T + bias: (..., N) in x's dtype."""
+        """x (..., K) -> x @ W^T + bias in the fused kernel: (..., N) in x's dtype."""
         n, k = self.shape
         x2 = x.reshape(-1, k).to(torch.bfloat16)  # (m, K)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
@@ -51,12 +64,60 @@ class Int4Weight:
             out += bias
         return out.reshape(*x.shape[:-1], n)
 
+    def blocks(self):
+        """(first row, those rows of W dequantized into `scratch`, fp32 (r, K)): valid until the next is taken.
+        Blocks are whole 64-row tiles of the packing, the last one the tail of N % 64 rows."""
+        n, k = self.shape
+        tiles = max(1, self.scratch.numel() // (64 * k))
+        full = n - n % 64
+        for a in range(0, full, 64 * tiles):
+            r = min(64 * tiles, full - a)
+            yield a, self._dequantize(a, r, self.scratch[:r * k].view(r, k))
+        if full < n:
+            yield full, self._dequantize(full, n - full, self.scratch[:(n - full) * k].view(n - full, k))
+
+    def dequantize(self) -> torch.Tensor:
+        """W as the kernel's stored values, fp32 (N, K): what the dense path computes with."""
+        n, k = self.shape
+        return self._dequantize(0, n, torch.empty(n, k))
+
+    def _dequantize(self, a: int, r: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows [a, a + r) of W into `out` (r, K): (code - 8) * step + value of code 8, exact but for one rounding."""
+        k, g = out.shape[1], self.group_size
+        out.copy_(unpack_int4pack(self.packed[a:a + r], k))  # codes (r, K)
+        steps = self.scales_zeros[:, a:a + r].float()  # (K/g, r, 2)
+        vals = out.view(r, k // g, g)
+        vals.sub_(8).mul_(steps[..., 0].t()[..., None]).add_(steps[..., 1].t()[..., None])
+        return out
+
+
+def unpack_int4pack(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The 4-bit codes (r, K) uint8 of rows packed by `aten._convert_weight_to_int4pack_for_cpu` (r, K/2).
+
+    Its layout (torch 2.x, checked against the packer by the tests): tiles of 64 rows, each stored (K, 32) bytes
+    whose byte j at column k holds row j in its low nibble and row 32 + j in its high one; a last tile of T < 64
+    rows is stored (K, T/2), byte j holding rows 2j (low) and 2j + 1 (high)."""
+    r = packed.shape[0]
+    full = r - r % 64
+    out = torch.empty(r, k, dtype=torch.uint8)
+    if full:
+        b = packed[:full].reshape(full // 64, k, 32)
+        tiles = out[:full].view(full // 64, 2, 32, k)
+        tiles[:, 0] = (b & 15).transpose(1, 2)
+        tiles[:, 1] = (b >> 4).transpose(1, 2)
+    if full < r:
+        b = packed[full:].reshape(k, (r - full) // 2)
+        pairs = out[full:].view((r - full) // 2, 2, k)
+        pairs[:, 0] = (b & 15).t()
+        pairs[:, 1] = (b >> 4).t()
+    return out
+
 
 class WeightCodec:
     """Compresses matrices under one `QuantConfig` and turns stored buffers back into computable weights."""
 
-    def __init__(self, config: QuantConfig, device: torch.device) -> None:
-        self.config, self.device = config, device
+    def __init__(self, config: QuantConfig, device: torch.device, dense_rows: int = INT4_DENSE_ROWS) -> None:
+        self.config, self.device, self.dense_rows = config, device, dense_rows
 
     def uses_kernel(self, shape: tuple[int, ...]) -> bool:
         """Whether a weight of `shape` is stored in the fused CPU kernel's form."""
@@ -80,17 +141,25 @@ class WeightCodec:
         buf[n * k // 2:].view(torch.bfloat16).view(k // g, n, 2).copy_(sz)
         return buf
 
-    def decode(self, buf: torch.Tensor, shape: tuple[int, ...], out: torch.Tensor | None = None):
-        """A stored buffer -> an `Int4Weight` (views, no copy) or the dequantized matrix (into `out`)."""
+    def decode(self, buf: torch.Tensor, shape: tuple[int, ...], out: torch.Tensor | None = None,
+               scratch: torch.Tensor | None = None):
+        """A stored buffer -> an `Int4Weight` (views, no copy; `scratch` its fp32 block buffer) or the dequantized
+        matrix (into `out`)."""
         if self.uses_kernel(tuple(shape)):
             n, k = shape
             g = self.config.group_size
             packed = buf[:n * k // 2].view(n, k // 2)
-            return Int4Weight(packed, buf[n * k // 2:].view(torch.bfloat16).view(k // g, n, 2), g)
+            sz = buf[n * k // 2:].view(torch.bfloat16).view(k // g, n, 2)
+            return Int4Weight(packed, sz, g, scratch, self.dense_rows)
         transpose = self.config.axis == "output"
         q = QuantizedTensor(buf, tuple(shape), layout_of(tuple(shape), self.config, transpose), transpose)
         dtype = out.dtype if out is not None else torch.float32
         return dequantize(q, dtype, out)
+
+    def values(self, buf: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """The fp32 values a stored buffer holds, as the runtime's exact path computes with them (references)."""
+        w = self.decode(buf, shape)
+        return w.dequantize() if isinstance(w, Int4Weight) else w
 
 
 

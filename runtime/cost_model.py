@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 from runtime.hardware import HardwareSpec
 from runtime.policy import (
     CAST_BLOCK_BYTES,
+    INT4_DENSE_ROWS,
     PREFETCH_DEPTH,
     Policy,
     QuantConfig,
@@ -188,6 +189,26 @@ def uses_int4_kernel(hw: HardwareSpec, model: ModelSpec, q: QuantConfig | None) 
             and all(int4_kernel_fits(shape, q) for shape in shapes(model).decoder_matmuls))
 
 
+def int4_unpack_rate(hw: HardwareSpec) -> float:
+    """Values/s of `Int4Weight`'s dequantization into fp32 blocks (profiles without it: the grouped one's)."""
+    return hw.int4_dequantize or hw.dequantize
+
+
+def int4_dense_rows(hw: HardwareSpec, model: ModelSpec, candidates=(16, 32, 64, 96, 128, 192, 256, 384, 512)) -> int:
+    """`Policy.int4_dense_rows` for `model` on `hw`: the fewest rows from which a step of the model's decoder matmuls
+    runs faster as dequantize + fp32 GEMM than in the fused int4 kernel (`Int4Weight`); past the last candidate,
+    never dense (a product that large is a prefill the kernel wins anyway only on a machine without a fast GEMM)."""
+    if hw.accelerator or "int4" not in hw.matmul:
+        return INT4_DENSE_ROWS
+    params = sum(n * k for n, k in shapes(model).decoder_matmuls)
+    for m in candidates:
+        kernel = 2 * m * params / hw.matmul_rate("int4", m)
+        dense = 2 * m * params / hw.matmul_rate("float32", m) + params / int4_unpack_rate(hw)
+        if dense < kernel:
+            return m
+    return 2**31 - 1
+
+
 @dataclass(frozen=True)
 class _Sizes:
     """Per-layer averages of the model's parameters and FLOPs (embedding and head spread over the layers), from
@@ -274,9 +295,12 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
 
     # Compute (FLOPs at measured rates), conversion and dequantization, per layer.
     def gemm(rows: int, per_row_flops: float, head_rows: int) -> float:
-        rate = hw.matmul_rate("int4" if kernel else cdt, rows)
-        dense = hw.matmul_rate(cdt, head_rows)  # the head is a lookup table, never compressed when tied
-        return rows * nb * per_row_flops / rate + head_rows * nb * z.head_flops_per_row / dense
+        head = head_rows * nb * z.head_flops_per_row / hw.matmul_rate(cdt, head_rows)  # the head: never int4
+        if kernel and rows < policy.int4_dense_rows:
+            return rows * nb * per_row_flops / hw.matmul_rate("int4", rows) + head
+        # the compute dtype's GEMM; 4-bit kernel weights first dequantized, once per micro-batch call
+        unpack = nb * z.matrix_params / int4_unpack_rate(hw) if kernel else 0.0
+        return rows * nb * per_row_flops / hw.matmul_rate(cdt, rows) + unpack + head
 
     convert = Lin()
     if qw is None:
@@ -342,7 +366,7 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
         staging = {"device": working, "host": 0.0}
         converts = not kernel and (qw is not None or (offload_w and ckpt_bytes != cdt_bytes) or acc
                                   or policy.weight_format == WeightFormat.CHECKPOINT)
-        if converts and not acc and qw is None:  # the CPU casts block by block (runtime.kernels.CastWeight)
+        if (converts and not acc and qw is None) or kernel:  # CPU block casts (runtime.kernels.CastWeight)
             staging["device"] += CAST_BLOCK_BYTES
         elif converts:  # one layer's matrices in the compute dtype, reused across layers, and the head's own
             staging["device"] += (z.matrix_params + z.head_matrix_params) * cdt_bytes  # (another shape)

@@ -49,7 +49,8 @@ class Engine:
         keep = self.policy.weight_format == WeightFormat.CHECKPOINT and storage.is_floating_point
         self.layers = get_family(self.spec.family).build_layers(self.spec)
         io = offload = None
-        codec = WeightCodec(self.policy.compress_weight, self.device) if self.policy.compress_weight else None
+        codec = (WeightCodec(self.policy.compress_weight, self.device, self.policy.int4_dense_rows)
+                 if self.policy.compress_weight else None)
         if self.policy.offloads():
             offload, io = OffloadDir(offload_dir), DiskIO()
             self._finalizer = weakref.finalize(self, _release, io, offload)

@@ -93,6 +93,9 @@ class HardwareSpec:
     """Values/s of group-wise dequantization into the compute dtype (weights and KV cache)."""
     convert: float
     """Bytes/s (of output) converting stored weights into the compute dtype in reused buffers (fp16 -> fp32)."""
+    int4_dequantize: float = 0.0
+    """Values/s unpacking weights in the fused int4 kernel's form into fp32 blocks (`Int4Weight.blocks`); 0: not
+    measured (profiles older than the measurement), `dequantize` stands in."""
     base_mem: int = 0
     """Bytes the runtime process holds before any model (interpreter, torch), counted in RAM."""
     calibration: Calibration = field(default_factory=Calibration)
@@ -106,7 +109,7 @@ class HardwareSpec:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise HardwareError(f"{name} must be a whole number of bytes >= 0, got {v!r}")
         for name in ("host_to_device", "device_to_host", "disk_to_host", "host_to_disk", "attention_prefill",
-                     "attention_decode", "cpu_attention", "dequantize", "convert"):
+                     "attention_decode", "cpu_attention", "dequantize", "convert", "int4_dequantize"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == math.inf:
                 raise HardwareError(f"{name} must be a finite rate >= 0 (0: unusable), got {v!r}")

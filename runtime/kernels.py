@@ -13,6 +13,9 @@ converting the whole layer into an fp32 buffer and then multiplying (RAM serves 
 of 2 + 4 + 4), at m = 8 18 against 31, at m = 64 42 against 53, at m = 512 the same (279 against 287);
 blocks of 8 MiB were best (1 MiB: 26 ms at m = 16, 16 MiB: 19 ms). A block of rows yields those rows of the
 product: the same to the bit in every shape measured but m = 1 with a bias (~1e-6 relative, another kernel).
+
+`Int4Weight` (4-bit weights in the CPU int4 kernel's form) goes through the same blocked loop at `Policy.int4_dense_rows`
+rows and more: its blocks of rows are dequantized into the fp32 scratch instead of cast (runtime.compressed).
 """
 
 from __future__ import annotations
@@ -52,14 +55,15 @@ class CastWeight:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | Int4Weight | CastWeight, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) @ w (N, K)^T + b (N) -> (..., N); `w` may be a compressed weight in a fused kernel's form."""
-    if isinstance(w, Int4Weight):
-        return w.matmul(x, b)
+    """x (..., K) @ w (N, K)^T + b (N) -> (..., N); `w` may be a compressed weight in a fused kernel's form, which
+    computes either in its kernel or, at `Int4Weight.dense` sizes, from blocks of rows dequantized like a cast."""
     n, k = w.shape
     m = x.numel() // k
+    if isinstance(w, Int4Weight) and not w.dense(m):
+        return w.matmul(x, b)
     x2 = x.reshape(m, k)  # (m, K)
     skinny = x.device.type == "cpu" and x.dtype == torch.float32 and m in _SKINNY_ROWS
-    if not isinstance(w, CastWeight):
+    if isinstance(w, torch.Tensor):
         return _product(x2, w, b, skinny, out=None).reshape(*x.shape[:-1], n)
     out = x2.new_empty((n, m) if skinny else (m, n))
     for start, block in w.blocks():

@@ -66,6 +66,30 @@ def build_layers(spec: ModelSpec, shapes: list[LayerShape], classes: dict[str, t
     return [classes[shape.kind](spec, shape) for shape in shapes]
 
 
+ROW_CHUNK = 2048
+"""Rows (tokens) of per-token work computed at once. Measured here (SmolLM2-135M, 64 prompts of 256 tokens: prefill
+steps of 16384 rows, 2 cores, fp32): prefill 18.3 s unchunked, 14.6 at 4096 rows, 13.8 at 2048, 15.0 at 1024, 16.4
+at 512; the GEMMs keep their rate at 2048 rows while the (rows, ffn) intermediates stop round-tripping to RAM."""
+
+
+def by_rows(fn, *xs: torch.Tensor) -> torch.Tensor:
+    """fn over the rows of xs ((..., w_i) each, same leading dims) as (n, w_i) chunks of ROW_CHUNK rows -> (..., w'):
+    a prefill's per-token work (norms, projections, MLP) keeps its (rows, width) intermediates in cache instead of
+    streaming (B * T, ffn) tensors through RAM."""
+    lead = xs[0].shape[:-1]
+    rows = [x.reshape(-1, x.shape[-1]) for x in xs]  # (n, w_i)
+    n = rows[0].shape[0]
+    if n <= ROW_CHUNK:
+        y = fn(*rows)
+        return y.view(*lead, y.shape[-1])
+    first = fn(*(r[:ROW_CHUNK] for r in rows))
+    out = first.new_empty((n, first.shape[-1]))
+    out[:ROW_CHUNK] = first
+    for a in range(ROW_CHUNK, n, ROW_CHUNK):
+        out[a:a + ROW_CHUNK] = fn(*(r[a:a + ROW_CHUNK] for r in rows))
+    return out.view(*lead, out.shape[-1])
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
     """Scaled dot-product attention of (B, H, T, D) queries over (B, kvH, S, D) keys/values; query head i reads
     KV head i // (H / kvH) (grouped-query attention, as HF's `repeat_kv`)."""

@@ -113,6 +113,10 @@ class QuantConfig:
         return {"bits": self.bits, "group_size": self.group_size, "axis": self.axis, "method": self.method}
 
 
+INT4_DENSE_ROWS = 128
+"""Default `Policy.int4_dense_rows`: where the fp32 GEMM over dequantized rows overtakes the fused int4 kernel on
+the CPUs measured here (the planner sets it from the machine's profile, `cost_model.int4_dense_rows`)."""
+
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 """Group sizes of torch's fused CPU int4 kernel (`runtime.compressed`)."""
 
@@ -193,9 +197,13 @@ class Policy:
     """Group-wise quantization of weight matrices on every tier (None: the checkpoint's precision)."""
     compress_cache: QuantConfig | None = None
     """Group-wise quantization of the KV cache along the head dimension, as it is produced."""
+    int4_dense_rows: int = INT4_DENSE_ROWS
+    """CPU, weights in the fused int4 kernel's form: a matmul of at least this many rows (tokens in a step: prefill,
+    scoring) dequantizes the weight a block of rows at a time into fp32 and runs the fp32 GEMM (exact fp32 compute on
+    the stored 4-bit weights); fewer rows (decode) run the int4 kernel (bf16 activations, 1/8 of fp32's bytes)."""
 
     def __post_init__(self) -> None:
-        for name in ("gpu_batch_size", "num_gpu_batches"):
+        for name in ("gpu_batch_size", "num_gpu_batches", "int4_dense_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PolicyError(f"Policy.{name} must be an integer >= 1, got {value!r}")

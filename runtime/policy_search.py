@@ -37,6 +37,7 @@ from runtime.cost_model import (
     Prediction,
     Workload,
     capacities,
+    int4_dense_rows,
     num_blocks,
     predict,
     terms,
@@ -93,10 +94,11 @@ def search(hw: HardwareSpec, model: ModelSpec, work: Workload, base: Policy | No
            max_block: int = 4096,
            weight_levels: Callable[[QuantConfig | None], list[float]] | None = None) -> Plan:
     """The policy with the highest predicted throughput. `base` gives the fields the search leaves alone
-    (device, overlap, cpu_attention, ...); `batch_sizes` / `num_batches` restrict the shapes (default:
-    all up to `num_seqs`, or `max_block`); `compressions`: (weights, cache) configs to try (default: none);
+    (device, overlap, cpu_attention, ...; not `int4_dense_rows`, set from `hw`); `batch_sizes` / `num_batches`
+    restrict the shapes (default: all up to `num_seqs`, or `max_block`); `compressions`: (weights, cache) configs to try (default: none);
     `weight_levels`: the weight fractions the runtime realises, per weight compression (default: any)."""
     base = base or Policy()
+    base = replace(base, int4_dense_rows=int4_dense_rows(hw, model))  # this machine's kernel crossover
     limit = work.num_seqs or max_block
     sizes = batch_sizes or batch_candidates(limit)
     counts = num_batches or [k for k in batch_candidates(limit) if k & (k - 1) == 0]  # powers of 2

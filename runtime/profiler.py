@@ -29,7 +29,7 @@ from runtime.hardware import HardwareSpec, machine_key
 
 _GEMM_K, _GEMM_N = 2048, 8192  # opt-1.3b's fc1: weights of 64 MiB in fp32, well beyond the caches
 _GEMM_ROWS = (1, 8, 32, 128, 512, 2048)
-_INT4_ROWS = (1, 8, 64, 512)
+_INT4_ROWS = (1, 8, 64, 128, 512)
 _DISK_BYTES = 256 * 2**20
 
 
@@ -92,6 +92,21 @@ def dequantize_rate(rows: int = 4096, cols: int = 4096) -> float:
     return rows * cols / best_time(lambda: dequantize(q, torch.float32, out))
 
 
+def int4_dequantize_rate(rows: int = 4096, cols: int = 2048) -> float | None:
+    """Values/s of unpacking a weight in the int4 kernel's form into fp32 row blocks (`Int4Weight.blocks`, what
+    a step of `Policy.int4_dense_rows` rows or more does); None where torch lacks the kernel."""
+    from runtime.compressed import WeightCodec
+    from runtime.policy import CAST_BLOCK_BYTES, QuantConfig
+
+    codec = WeightCodec(QuantConfig(bits=4, group_size=64), torch.device("cpu"))
+    try:
+        scratch = torch.empty(CAST_BLOCK_BYTES // 4)
+        w = codec.decode(codec.encode(torch.randn(rows, cols)), (rows, cols), scratch=scratch)
+    except (RuntimeError, NotImplementedError):
+        return None
+    return rows * cols / best_time(lambda: sum(1 for _ in w.blocks()))
+
+
 def convert_rate(nbytes: int = 64 * 2**20) -> float:
     """Bytes/s (of fp32 output) of converting fp16 weights into a reused fp32 buffer (what `fetch` does)."""
     src = torch.randn(nbytes // 4).half()
@@ -149,7 +164,9 @@ def profile(offload_dir: str | os.PathLike | None = None, log: Callable[[str], N
         int4 = [[m, r] for m in _INT4_ROWS if (r := int4_rate(m)) is not None]
         if int4:
             matmul["int4"] = int4
-            log("  int4 kernel GFLOP/s by rows: " + ", ".join(f"{m}: {r / 1e9:.0f}" for m, r in int4))
+            unpack = int4_dequantize_rate() or 0.0
+            log("  int4 kernel GFLOP/s by rows: " + ", ".join(f"{m}: {r / 1e9:.0f}" for m, r in int4)
+                + f"; its form into fp32 {unpack / 1e9:.2f} G values/s")
     cdt = torch.float16 if cuda else torch.float32
     attn_p = attention_rate(2, 16, 256, 256, device, cdt)
     attn_g = attention_rate(16, 16, 1, 512, device, cdt)
@@ -169,7 +186,8 @@ def profile(offload_dir: str | os.PathLike | None = None, log: Callable[[str], N
         accelerator=cuda, device_mem=torch.cuda.get_device_properties(device).total_memory if cuda else ram,
         host_mem=ram if cuda else 0, disk_mem=disk_free, host_to_device=h2d, device_to_host=d2h,
         disk_to_host=disk_read, host_to_disk=disk_write, matmul=matmul, attention_prefill=attn_p,
-        attention_decode=attn_g, cpu_attention=cpu_attn, dequantize=dequant, convert=convert, base_mem=base_mem)
+        attention_decode=attn_g, cpu_attention=cpu_attn, dequantize=dequant, convert=convert, base_mem=base_mem,
+        int4_dequantize=0.0 if cuda or "int4" not in matmul else unpack)
 
 
 def _link_rates(device: torch.device, nbytes: int = 256 * 2**20) -> tuple[float, float]:

@@ -292,17 +292,17 @@ class WeightStore:
                 if src.device != self.device:
                     src = self._buffer(self._compute, ((s.packed,), src.dtype, nth), (s.packed,), src.dtype,
                                        self.device).copy_(src, non_blocking=True)
-                out[key] = self.codec.decode(src, s.shape, None if self.codec.uses_kernel(s.shape) else
-                                             self._buffer(self._compute, (s.shape, self.compute_dtype, nth),
-                                                          s.shape, self.compute_dtype, self.device))
+                if self.codec.uses_kernel(s.shape):  # large steps dequantize blocks of rows (Int4Weight.dense)
+                    out[key] = self.codec.decode(src, s.shape, scratch=self._cast_scratch(torch.float32))
+                else:
+                    out[key] = self.codec.decode(src, s.shape, self._buffer(
+                        self._compute, (s.shape, self.compute_dtype, nth), s.shape, self.compute_dtype, self.device))
                 continue
             dtype = src.dtype if key in self.lookups[index] else self.compute_dtype
             if dtype != src.dtype and len(s.shape) == 2 and self.device.type == "cpu":
                 # converted block by block inside `linear` (kernels.CastWeight): no buffer of the weight's size.
                 # CUDA keeps the whole-weight copy below: its conversion runs at device bandwidth.
-                scratch = self._buffer(self._compute, ("cast", dtype), (CAST_BLOCK_BYTES // dtype.itemsize,),
-                                       dtype, self.device)
-                out[key] = CastWeight(tuple(parts), scratch)
+                out[key] = CastWeight(tuple(parts), self._cast_scratch(dtype))
                 continue
             # In place only where torch's allocator would have put it: a GEMM over a weight at another alignment
             # differs in the last bits (oneDNN picks its kernels by alignment), which 4-bit KV quantization
@@ -316,6 +316,10 @@ class WeightStore:
                     buf[row:row + part.shape[0]].copy_(part)
                     row += part.shape[0]
         return out
+
+    def _cast_scratch(self, dtype: torch.dtype) -> torch.Tensor:
+        """The block buffer weights converted inside `linear` share (one `linear` runs at a time)."""
+        return self._buffer(self._compute, ("cast", dtype), (CAST_BLOCK_BYTES // dtype.itemsize,), dtype, self.device)
 
     @staticmethod
     def _buffer(pool: dict, key: tuple, shape, dtype, device, pin: bool = False) -> torch.Tensor:

@@ -7,8 +7,8 @@ answers the run's own HELM requests as the runtime should: an echo request gets 
 token, a generation request its greedy tokens (up to `max_tokens`, stopping at EOS). The run's figures are then
 computed from HF's answers with the metrics' definitions and printed beside the harness's (`stats.json`), with
 the relative difference and how many requests agree token for token. A run with 4-bit weights is compared with
-HF computing on the same weights quantized and dequantized by the runtime's quantizer (`runtime.quant`, fp32
-values of the 4-bit grid); the 4-bit KV cache has no HF counterpart, so cache variants compare with HF on the
+HF computing on the 4-bit weights the runtime stores, in fp32 (`WeightCodec.values`: on the CPU the int4 kernel's
+form, whose group steps are bf16); the 4-bit KV cache has no HF counterpart, so cache variants compare with HF on the
 run's weights and their difference is the cache's effect.
 
 Figures: LAMBADA greedy accuracy (`lambada_accuracy`), target log-likelihood and perplexity (`target_logprob`,
@@ -44,21 +44,22 @@ def _stat(run_dir: Path, name: str) -> float | None:
 @functools.lru_cache(maxsize=2)
 def _model(folder: str, bits: int | None, group: int | None):
     """HF's model (fp32) of `folder`; with `bits`, every matrix the runtime compresses (decoder linears; not the
-    embedding and a head tied to it, which the runtime keeps) replaced by its quantized-dequantized values."""
+    embedding and a head tied to it, which the runtime keeps) replaced by the values the runtime stores for it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from runtime.compressed import WeightCodec
     from runtime.policy import QuantConfig
-    from runtime.quant import dequantize, quantize
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
     if bits is not None:
+        codec = WeightCodec(QuantConfig(bits=bits, group_size=group), torch.device("cpu"))
         tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
         with torch.no_grad():
             for name, module in model.named_modules():
                 if isinstance(module, torch.nn.Linear) and (name != "lm_head" or not tied):
                     w = module.weight  # (out, in): groups along the input axis, as the runtime's
-                    w.copy_(dequantize(quantize(w, QuantConfig(bits=bits, group_size=group))).view_as(w))
+                    w.copy_(codec.values(codec.encode(w), tuple(w.shape)))
     return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 

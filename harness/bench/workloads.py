@@ -82,5 +82,10 @@ _ALL = (
     Workload("W5", "harness overhead: the quickstart suite from scratch (SmolLM2-135M-Instruct: LAMBADA, "
              "WikiText-2, MMLU, synthetic sweep; fp16 and 4-bit); time outside the runtime / wall time",
              "smollm2-135m", 32, 64, 32, repeats=1, module="w5"),
+    # The peer runs the GGUF itself (harness/bench/llamacpp_peer.py); quick mode runs ours only, on the shipped
+    # reference model.
+    Workload("W6", "llama.cpp, the CPU peer, on the same GGUF (SmolLM2-135M-Instruct Q4_1): 64 prompts of 256 "
+             "tokens, 64 generated, swept over batch / parallel sequences; LAMBADA greedy accuracy of both; "
+             "ours/llamacpp throughput", "smollm2-135m", 64, 256, 64, repeats=2, module="w6"),
 )
 BY_NAME = {w.name: w for w in _ALL}

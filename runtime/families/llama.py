@@ -49,8 +49,8 @@ class DecoderLayer(ShapedLayer):
         B, T, _ = x.shape
         nh, kvh, d = s.num_heads, s.num_kv_heads, s.head_dim
 
-        hidden = rms_norm(x, w["attn_norm.weight"], s.norm_eps)
-        qkv = linear(hidden, w["qkv.weight"], w.get("qkv.bias"))  # (B, T, (nh + 2 kvh) d)
+        qkv = layers.by_rows(lambda r: linear(rms_norm(r, w["attn_norm.weight"], s.norm_eps), w["qkv.weight"],
+                                              w.get("qkv.bias")), x)  # (B, T, (nh + 2 kvh) d)
         q, k, v = qkv.split((nh * d, kvh * d, kvh * d), dim=-1)
         q = q.view(B, T, nh, d).transpose(1, 2)  # (B, nh, T, d)
         k = k.view(B, T, kvh, d).transpose(1, 2)  # (B, kvh, T, d)
@@ -59,10 +59,14 @@ class DecoderLayer(ShapedLayer):
         q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
         # the cache appends this step's keys/values and attends over all of them, on whichever tier
         a = attention(q, k, v, ctx) if cache is None else cache.attend(q, k, v, ctx)  # (B, nh, T, d)
-        x = x + linear(a.transpose(1, 2).reshape(B, T, nh * d), w["out.weight"], w.get("out.bias"))
+        a = a.transpose(1, 2).reshape(B, T, nh * d)
+        return layers.by_rows(lambda r, ar: self._mlp(w, r + linear(ar, w["out.weight"], w.get("out.bias"))), x, a)
 
+    def _mlp(self, w, x: torch.Tensor) -> torch.Tensor:
+        """(n, h) rows -> rows + SwiGLU(RMSNorm(rows))."""
+        s = self.spec
         hidden = rms_norm(x, w["mlp_norm.weight"], s.norm_eps)
-        gate, up = linear(hidden, w["gate_up.weight"], w.get("gate_up.bias")).chunk(2, dim=-1)  # (B, T, f) each
+        gate, up = linear(hidden, w["gate_up.weight"], w.get("gate_up.bias")).chunk(2, dim=-1)  # (n, f) each
         return x + linear(_ACTIVATIONS[s.activation](gate).mul_(up), w["down.weight"], w.get("down.bias"))
 
 

@@ -51,27 +51,23 @@ class DecoderLayer(ShapedLayer):
         B, T, h = x.shape
         nh, d = s.num_heads, s.head_dim
 
-        residual = x
-        if s.norm_before:
-            x = _layer_norm(x, w, "attn_norm", s)
-        qkv = linear(x, w["qkv.weight"], w.get("qkv.bias"))  # (B, T, 3h)
+        qkv = layers.by_rows(lambda r: linear(_layer_norm(r, w, "attn_norm", s) if s.norm_before else r,
+                                              w["qkv.weight"], w.get("qkv.bias")), x)  # (B, T, 3h)
         q, k, v = qkv.reshape(B, T, 3, nh, d).permute(2, 0, 3, 1, 4)  # each (B, nh, T, d)
         # the cache appends this step's keys/values and attends over all of them, on whichever tier
         a = attention(q, k, v, ctx) if cache is None else cache.attend(q, k, v, ctx)  # (B, nh, T, d)
         a = a.transpose(1, 2).reshape(B, T, h)
-        x = residual + linear(a, w["out.weight"], w.get("out.bias"))
+        return layers.by_rows(lambda r, ar: self._mlp(w, r + linear(ar, w["out.weight"], w.get("out.bias"))), x, a)
+
+    def _mlp(self, w, x: torch.Tensor) -> torch.Tensor:
+        """(n, h) rows after attention's residual -> the layer's output rows (norms where the variant puts them)."""
+        s = self.spec
         if not s.norm_before:
             x = _layer_norm(x, w, "attn_norm", s)
-
-        residual = x
-        if s.norm_before:
-            x = _layer_norm(x, w, "mlp_norm", s)
-        hidden = _ACTIVATIONS[s.activation](linear(x, w["fc1.weight"], w.get("fc1.bias")))  # (B, T, ffn)
-        x = linear(hidden, w["fc2.weight"], w.get("fc2.bias"))
-        x = residual + x
-        if not s.norm_before:
-            x = _layer_norm(x, w, "mlp_norm", s)
-        return x
+        hidden = _layer_norm(x, w, "mlp_norm", s) if s.norm_before else x
+        hidden = _ACTIVATIONS[s.activation](linear(hidden, w["fc1.weight"], w.get("fc1.bias")))  # (n, ffn)
+        x = x + linear(hidden, w["fc2.weight"], w.get("fc2.bias"))
+        return _layer_norm(x, w, "mlp_norm", s) if not s.norm_before else x
 
 
 class Head(ShapedLayer):

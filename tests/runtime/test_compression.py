@@ -7,13 +7,15 @@ import pytest
 import torch
 
 from runtime import Engine, Policy
-from runtime.compressed import Int4Weight, WeightCodec
+from runtime.compressed import Int4Weight, WeightCodec, unpack_int4pack
+from runtime.kernels import linear
 from runtime.policy import QuantConfig
 from runtime.quant import dequantize, quantize
 from tests import tiny_models
 from tests.runtime.test_offload import PLACEMENTS, PROMPTS
 
-KERNEL = {"compress_weight": {"bits": 4, "group_size": 32}}  # fits the kernel: the 64-wide model's K and N
+KERNEL = {"compress_weight": {"bits": 4, "group_size": 32}, "int4_dense_rows": 6}
+"""Fits the kernel (the 64-wide model's K and N); prefill steps (>= 6 rows) dequantize, decode steps run the kernel."""
 FALLBACK = {"compress_weight": {"bits": 3, "group_size": 16, "axis": "output"}}  # dequantized next to compute
 CACHE = {"compress_cache": {"bits": 4, "group_size": 16}}  # head_dim 16
 BOTH = {**KERNEL, **CACHE}
@@ -39,6 +41,38 @@ def test_int4_kernel_agrees_with_dequantize_then_matmul(m):
     got = kw.matmul(x, b)
     assert got.shape == (m, 96) and got.dtype == torch.float32
     assert ((got - ref).norm() / ref.norm()).item() < 1e-2  # bf16 activations and scales
+
+
+@pytest.mark.parametrize("n", [64, 192, 80, 16, 208])  # whole 64-row tiles, and tails of N % 64 rows
+def test_unpacking_the_kernel_form_gives_back_every_code(n):
+    codes = torch.randint(0, 16, (n, 96), dtype=torch.int32, generator=torch.Generator().manual_seed(n))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    assert torch.equal(unpack_int4pack(packed, 96).int(), codes)
+
+
+@pytest.mark.parametrize("n", [208, 64, 16])
+def test_large_steps_compute_in_fp32_on_the_kernels_own_weights(n):
+    """The dense path (`Int4Weight.dense`: rows dequantized block by block, fp32 GEMM) computes with exactly the
+    values the kernel form stores: equal to an fp32 product with `dequantize()` (fp32 summation-order tolerance,
+    1e-5 relative); the kernel's own product of the same rows differs by its bf16 activations (< 1e-2)."""
+    g = torch.Generator().manual_seed(n)
+    w, x, b = torch.randn(n, 256, generator=g), torch.randn(300, 256, generator=g), torch.randn(n, generator=g)
+    codec = WeightCodec(QuantConfig(bits=4, group_size=32), torch.device("cpu"), dense_rows=100)
+    buf = codec.encode(w)
+    scratch = torch.empty(64 * 256 + 7)  # one 64-row tile a block: several blocks, then the tail
+    kw = codec.decode(buf, w.shape, scratch=scratch)
+    exact = kw.dequantize()
+    # the stored values are the group-wise 4-bit ones up to the kernel's bf16 steps
+    torch.testing.assert_close(exact, dequantize(quantize(w, QuantConfig(bits=4, group_size=32))), atol=0.02, rtol=0)
+    assert kw.dense(300) and not kw.dense(99) and not codec.decode(buf, w.shape).dense(300)
+    got = linear(x, kw, b)
+    ref = x @ exact.t() + b
+    assert got.shape == (300, n)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+    for rows in (99, 7):  # the kernel at fewer rows than dense_rows (and the skinny path of the same rows)
+        small = linear(x[:rows], kw, b)
+        assert ((small - ref[:rows]).norm() / ref[:rows].norm()).item() < 1e-2
+    assert torch.equal(codec.values(buf, w.shape), exact)
 
 
 def test_codec_falls_back_where_the_kernel_does_not_apply():

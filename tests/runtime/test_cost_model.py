@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from runtime.cost_model import Workload, predict
+from runtime.cost_model import Workload, int4_dense_rows, predict
 from runtime.hardware import HardwareError, HardwareSpec, machine_key
 from runtime.policy import Placement, Policy, QuantConfig
 from tests.runtime.cost_fixtures import G, GiB, cpu_hardware, hardware, opt, table_params
@@ -145,3 +145,20 @@ def test_a_scoring_workload_keeps_no_cache_and_runs_the_head_at_every_position()
     long_gen, long_score = Workload(2000, 8), Workload(4000, 1, scoring=True)
     assert long_gen.covers(Workload(100, 1, scoring=True)) and not long_score.covers(Workload(100, 1))
     assert not long_gen.covers(long_score) and long_score.covers(Workload(4000, 1, scoring=True))
+
+
+def test_int4_steps_switch_to_the_dense_gemm_where_the_profile_says_it_wins():
+    """`int4_dense_rows`: the kernel (flat 100 GFLOP/s here) below the crossover, dequantize + fp32 GEMM above it;
+    the cost model times each step by the path the runtime takes at its rows."""
+    model, q4 = opt("125m"), QuantConfig(bits=4, group_size=64)
+    fast_gemm = cpu_hardware(matmul={"float32": [[1, 20 * G], [64, 100 * G], [512, 400 * G]],
+                                     "int4": [[1, 100 * G], [512, 100 * G]]}, dequantize=2 * G)
+    rows = int4_dense_rows(fast_gemm, model)
+    assert 64 < rows < 512
+    slow_gemm = cpu_hardware(matmul={"float32": [[1, 20 * G], [512, 90 * G]], "int4": [[1, 100 * G], [512, 100 * G]]})
+    assert int4_dense_rows(slow_gemm, model) > 2**30  # the kernel always wins: never dense
+    work = Workload(prompt_len=128, gen_len=8, num_seqs=8)
+    kernel_only = predict(fast_gemm, model, work, Policy(gpu_batch_size=8, compress_weight=q4, int4_dense_rows=2**30))
+    crossover = predict(fast_gemm, model, work, Policy(gpu_batch_size=8, compress_weight=q4, int4_dense_rows=rows))
+    assert crossover.prefill_s < kernel_only.prefill_s  # 1024-row prefill steps: dense is faster
+    assert crossover.decode_s == kernel_only.decode_s  # 8-row decode steps: the kernel either way

@@ -120,3 +120,11 @@ def test_a_scoring_plan_keeps_no_cache_on_disk():
     assert gen.policy.cache.disk > 0.5 and gen.prediction.memory["disk"] > 0
     assert score.prediction.memory["disk"] == 0 and score.policy.weights.device == 1.0
     assert score.policy.cache.device == 1.0  # nothing to place: the tie goes to the device
+
+
+def test_the_plan_carries_this_machines_int4_kernel_crossover():
+    from runtime.cost_model import int4_dense_rows
+
+    hw = cpu_hardware(matmul={"float32": [[1, 20e9], [512, 400e9]], "int4": [[1, 100e9], [512, 100e9]]})
+    plan = search(hw, opt("125m"), WORK, compressions=[(QuantConfig(bits=4, group_size=64), None)])
+    assert plan.policy.int4_dense_rows == int4_dense_rows(hw, opt("125m")) < 512
