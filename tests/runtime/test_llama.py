@@ -106,22 +106,6 @@ def test_greedy_generation_equals_hf_generate(tiny_llama, variant):
         torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(want), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2-bias"])
-def test_a_step_of_more_rows_than_a_row_chunk_equals_hf(tiny_llama, variant):
-    """24 sequences of 90 tokens in one micro-batch: 2160 rows, whose per-token work (norms, projections, MLP) runs
-    in `layers.ROW_CHUNK` blocks of rows."""
-    from runtime.layers import ROW_CHUNK
-
-    path, model = tiny_llama(variant)
-    contexts = [[(7 * i + 3 * r) % 290 + 5 for i in range(88)] for r in range(24)]
-    conts = [[20 + r, 21] for r in range(24)]
-    assert sum(map(len, contexts)) + sum(map(len, conts)) > ROW_CHUNK
-    scores = Engine(path, Policy(gpu_batch_size=24)).score(contexts, conts).scores
-    for c, x, s in zip(contexts, conts, scores):
-        lp = hf_logprobs(model, c + x)
-        assert s.token_logprobs == pytest.approx([lp[len(c) - 1 + i, t].item() for i, t in enumerate(x)], abs=ATOL)
-
-
 @pytest.mark.parametrize("variant", ["llama-mqa-tied-headdim", "mistral-window", "qwen2-bias"])
 def test_score_and_rolling_equal_hf_log_probs(tiny_llama, variant):
     path, model = tiny_llama(variant)

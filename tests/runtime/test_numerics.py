@@ -55,13 +55,14 @@ def test_greedy_generation_equals_hf_generate(tiny_opt, variant):
     assert result.stats.peak_memory["host"] > 0
 
 
-@pytest.mark.parametrize("variant", ["pre", "350m"])
-def test_a_step_of_more_rows_than_a_row_chunk_equals_hf(tiny_opt, variant):
+@pytest.mark.parametrize("family, variant", [("opt", "pre"), ("opt", "350m"), ("llama", "llama-gqa"),
+                                             ("llama", "qwen2-bias")])
+def test_a_step_of_more_rows_than_a_row_chunk_equals_hf(request, family, variant):
     """24 sequences of 90 tokens in one micro-batch: 2160 rows, whose per-token work (norms, projections, MLP) runs
     in `layers.ROW_CHUNK` blocks of rows."""
     from runtime.layers import ROW_CHUNK
 
-    path, model = tiny_opt(variant)
+    path, model = request.getfixturevalue(f"tiny_{family}")(variant)
     contexts = [[(7 * i + 3 * r) % 290 + 5 for i in range(88)] for r in range(24)]
     conts = [[20 + r, 21] for r in range(24)]
     assert sum(map(len, contexts)) + sum(map(len, conts)) > ROW_CHUNK
