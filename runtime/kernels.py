@@ -14,8 +14,9 @@ of 2 + 4 + 4), at m = 8 18 against 31, at m = 64 42 against 53, at m = 512 the s
 blocks of 8 MiB were best (1 MiB: 26 ms at m = 16, 16 MiB: 19 ms). A block of rows yields those rows of the
 product: the same to the bit in every shape measured but m = 1 with a bias (~1e-6 relative, another kernel).
 
-`Int4Weight` (4-bit weights in the CPU int4 kernel's form) goes through the same blocked loop at `Policy.int4_dense_rows`
-rows and more: its blocks of rows are dequantized into the fp32 scratch instead of cast (runtime.compressed).
+`Int4Weight` (4-bit weights in the CPU int4 kernel's form) goes through the same blocked loop at
+`Policy.int4_dense_rows` rows and more: its blocks of rows are dequantized into the fp32 scratch instead of cast
+(runtime.compressed).
 """
 
 from __future__ import annotations

@@ -95,7 +95,8 @@ def search(hw: HardwareSpec, model: ModelSpec, work: Workload, base: Policy | No
            weight_levels: Callable[[QuantConfig | None], list[float]] | None = None) -> Plan:
     """The policy with the highest predicted throughput. `base` gives the fields the search leaves alone
     (device, overlap, cpu_attention, ...; not `int4_dense_rows`, set from `hw`); `batch_sizes` / `num_batches`
-    restrict the shapes (default: all up to `num_seqs`, or `max_block`); `compressions`: (weights, cache) configs to try (default: none);
+    restrict the shapes (default: all up to `num_seqs`, or `max_block`); `compressions`: (weights, cache) configs
+    to try (default: none);
     `weight_levels`: the weight fractions the runtime realises, per weight compression (default: any)."""
     base = base or Policy()
     base = replace(base, int4_dense_rows=int4_dense_rows(hw, model))  # this machine's kernel crossover
