@@ -217,13 +217,15 @@ def cached_path() -> Path:
 
 
 def _cpu_model() -> str:
+    """The CPU's model name and instruction-set flags: virtual machines report one generic name ("Intel(R) Xeon(R)
+    Processor") for CPUs whose GEMM rates differ 2x (AVX-512 and AMX or not), so the name alone mixed profiles."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor()
+        return platform.processor()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("flags")), "")
+    return f"{name or platform.processor()} {' '.join(sorted(set(flags.split())))}".strip()
 
 
 def _ram_bytes() -> int:
