@@ -40,6 +40,7 @@ from runtime.policy import (
     CAST_BLOCK_BYTES,
     INT4_DENSE_ROWS,
     PREFETCH_DEPTH,
+    ROW_CHUNK,
     Policy,
     QuantConfig,
     WeightFormat,
@@ -298,8 +299,8 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
         head = head_rows * nb * z.head_flops_per_row / hw.matmul_rate(cdt, head_rows)  # the head: never int4
         if kernel and rows < policy.int4_dense_rows:
             return rows * nb * per_row_flops / hw.matmul_rate("int4", rows) + head
-        # the compute dtype's GEMM; 4-bit kernel weights first dequantized, once per micro-batch call
-        unpack = nb * z.matrix_params / int4_unpack_rate(hw) if kernel else 0.0
+        # the compute dtype's GEMM; 4-bit kernel weights dequantized for each chunk of rows (layers.by_rows)
+        unpack = nb * math.ceil(rows / ROW_CHUNK) * z.matrix_params / int4_unpack_rate(hw) if kernel else 0.0
         return rows * nb * per_row_flops / hw.matmul_rate(cdt, rows) + unpack + head
 
     convert = Lin()

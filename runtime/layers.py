@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from runtime.policy import ROW_CHUNK
 from runtime.spec import LayerShape, ModelSpec, WeightSpec
 
 
@@ -64,12 +65,6 @@ class ShapedLayer:
 def build_layers(spec: ModelSpec, shapes: list[LayerShape], classes: dict[str, type]) -> list:
     """One layer per `LayerShape`, of the class its kind names (`embedding`, `decoder`, `head`)."""
     return [classes[shape.kind](spec, shape) for shape in shapes]
-
-
-ROW_CHUNK = 2048
-"""Rows (tokens) of per-token work computed at once. Measured here (SmolLM2-135M, 64 prompts of 256 tokens: prefill
-steps of 16384 rows, 2 cores, fp32): prefill 18.3 s unchunked, 14.6 at 4096 rows, 13.8 at 2048, 15.0 at 1024, 16.4
-at 512; the GEMMs keep their rate at 2048 rows while the (rows, ffn) intermediates stop round-tripping to RAM."""
 
 
 def by_rows(fn, *xs: torch.Tensor) -> torch.Tensor:

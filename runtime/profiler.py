@@ -160,6 +160,7 @@ def profile(offload_dir: str | os.PathLike | None = None, log: Callable[[str], N
         name = str(dtype).removeprefix("torch.")
         matmul[name] = [[m, gemm_rate(m, dtype, device)] for m in _GEMM_ROWS]
         log(f"  {name} GEMM GFLOP/s by rows: " + ", ".join(f"{m}: {r / 1e9:.0f}" for m, r in matmul[name]))
+    unpack = 0.0  # values/s of the int4 kernel's form into fp32 blocks, where the CPU has that kernel
     if not cuda:
         int4 = [[m, r] for m in _INT4_ROWS if (r := int4_rate(m)) is not None]
         if int4:
@@ -187,7 +188,7 @@ def profile(offload_dir: str | os.PathLike | None = None, log: Callable[[str], N
         host_mem=ram if cuda else 0, disk_mem=disk_free, host_to_device=h2d, device_to_host=d2h,
         disk_to_host=disk_read, host_to_disk=disk_write, matmul=matmul, attention_prefill=attn_p,
         attention_decode=attn_g, cpu_attention=cpu_attn, dequantize=dequant, convert=convert, base_mem=base_mem,
-        int4_dequantize=0.0 if cuda or "int4" not in matmul else unpack)
+        int4_dequantize=unpack)
 
 
 def _link_rates(device: torch.device, nbytes: int = 256 * 2**20) -> tuple[float, float]:

@@ -59,8 +59,8 @@ def test_greedy_generation_equals_hf_generate(tiny_opt, variant):
                                              ("llama", "qwen2-bias")])
 def test_a_step_of_more_rows_than_a_row_chunk_equals_hf(request, family, variant):
     """24 sequences of 90 tokens in one micro-batch: 2160 rows, whose per-token work (norms, projections, MLP) runs
-    in `layers.ROW_CHUNK` blocks of rows."""
-    from runtime.layers import ROW_CHUNK
+    in `policy.ROW_CHUNK` blocks of rows (`layers.by_rows`)."""
+    from runtime.policy import ROW_CHUNK
 
     path, model = request.getfixturevalue(f"tiny_{family}")(variant)
     contexts = [[(7 * i + 3 * r) % 290 + 5 for i in range(88)] for r in range(24)]
