@@ -78,6 +78,7 @@ class _Config:
 
 def run(w: Workload, out_dir: Path) -> str:
     from harness.bench.report import write_csv
+    from harness.helm.token_text import TokenTexts
 
     other = OtherLoad()
     folder, gguf, tok = _model(w)
@@ -85,11 +86,12 @@ def run(w: Workload, out_dir: Path) -> str:
     print(f"{w.name}: {folder.name}; llama.cpp: {peer_note}", flush=True)
     prompts_b = _random_prompts(len(tok), w.batch, w.prompt_len)
     contexts, targets = _lambada(tok, 16 if w.quick else LAMBADA_PASSAGES)
+    texts = TokenTexts(tok)
     eos = list(model_spec(folder).eos_token_ids)  # the ids the harness's requests end at
 
     configs = [_Config(e, b) for e in ("ours", "ours4") for b in ((4,) if w.quick else OUR_BATCHES)]
     if peer_ok:
-        configs += _peer_configs(gguf, w.prompt_len + w.output_len)
+        configs += _peer_configs(gguf)
     rows: list[W6Row] = []
     for c in configs:  # workload B, the sweep
         r = _row(c, folder, gguf, prompts_b, w.output_len, "B", 0)
@@ -117,7 +119,7 @@ def run(w: Workload, out_dir: Path) -> str:
         if done is None:
             continue
         outs, wall = done
-        answers[e] = [_spells(tok, ids, t) for ids, t in zip(outs, targets)]
+        answers[e] = [_spells(texts, ids, t) for ids, t in zip(outs, targets)]
         accuracy[e] = sum(answers[e]) / len(answers[e])
         rows.append(W6Row("A", e, c.setting, c.batch, 0, wall, sum(map(len, outs)), accuracy[e]))
         print(f"  A  {e:8s} {c.setting:60s} accuracy {accuracy[e]:.4f}  {len(contexts) / wall:.2f} passages/s",
@@ -196,20 +198,18 @@ def _peer_generate(state, gguf: str, settings, prompts, max_new: int, eos: list[
 
 
 def _peer_available(gguf: Path | None) -> tuple[bool, str]:
+    from harness.bench.llamacpp_peer import system_info, version
+
     if gguf is None:
         return False, "n/a (quick mode runs ours only)"
     try:
-        from harness.bench.llamacpp_peer import system_info, version
-    except ImportError:
-        return False, "not installed (the bench extra: a native build of llama-cpp-python, see README)"
-    try:
         return True, f"{version()}; {system_info()}"
     except ImportError:
-        return False, ("not installed: pip install llama-cpp-python, built for this CPU "
-                       "(CMAKE_ARGS=-DGGML_NATIVE=ON; the nox bench session caches the wheel)")
+        return False, ("not installed: `python3 -m nox -s bench -- W6` builds llama-cpp-python for this CPU "
+                       "(CMAKE_ARGS=-DGGML_NATIVE=ON) and caches the wheel")
 
 
-def _peer_configs(gguf: Path, seq_len: int) -> list[_Config]:
+def _peer_configs(gguf: Path) -> list[_Config]:
     """The sweep's llama.cpp settings: with its AMX / repacked weight buffers where a trial call survives them."""
     import torch
 
@@ -258,18 +258,14 @@ def _lambada(tok, n: int) -> tuple[list[list[int]], list[str]]:
     return [prefix + tok(c, add_special_tokens=False)["input_ids"] for c, _ in pairs], [t for _, t in pairs]
 
 
-def _spells(tok, ids: list[int], target: str) -> bool:
-    """The harness's LAMBADA rule on generated ids (the tokens rendered as the HELM client renders them)."""
+def _spells(texts, ids: list[int], target: str) -> bool:
+    """The harness's LAMBADA rule on generated ids, the tokens rendered by `texts` (a `TokenTexts`) as the HELM
+    client renders them."""
     from helm.common.request import Token
 
-    from harness.helm.token_text import TokenTexts
     from scenarios.lambada_metrics import spells_at_token_boundary
 
-    texts = _TEXTS.setdefault(id(tok), TokenTexts(tok))
     return spells_at_token_boundary([Token(t, 0.0) for t in texts.render(ids).texts], " " + target)
-
-
-_TEXTS: dict[int, object] = {}
 
 
 def _plot(rows: list[W6Row], path: Path, title: str) -> None:
