@@ -31,7 +31,7 @@ def _policy(args: argparse.Namespace, prompt_lens: list[int] | None = None):
         wg, wc, cg, cc, hg, hc = (p / 100 for p in args.percent)
         fields.update(weights=Placement(wg, wc), cache=Placement(cg, cc), activations=Placement(hg, hc))
     for flag, name in (("batch_size", "gpu_batch_size"), ("num_batches", "num_gpu_batches"), ("device", "device"),
-                       ("overlap", "overlap"), ("cpu_attention", "cpu_attention")):
+                       ("overlap", "overlap"), ("cpu_attention", "cpu_attention"), ("compute", "compute")):
         if getattr(args, flag) is not None:
             fields[name] = getattr(args, flag)
     quant = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size)) if v is not None}
@@ -50,7 +50,7 @@ def _auto_policy(args: argparse.Namespace, prompt_lens: list[int]):
     quant = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size)) if v is not None}
     q = QuantConfig(**quant)
     base = Policy(**{name: getattr(args, flag) for flag, name in (
-        ("device", "device"), ("overlap", "overlap"), ("cpu_attention", "cpu_attention"))
+        ("device", "device"), ("overlap", "overlap"), ("cpu_attention", "cpu_attention"), ("compute", "compute"))
         if getattr(args, flag) is not None})
     compress = [(q if args.compress_weight else None, q if args.compress_cache else None)]
     work = auto_policy.workload(max(prompt_lens), args.max_new_tokens, len(prompt_lens))
@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compress-cache", action="store_true", help="quantize the KV cache (group-wise, 4 bits)")
     g.add_argument("--bits", type=int, help="bits of --compress-weight/--compress-cache: 2, 3, 4 (default) or 8")
     g.add_argument("--group-size", type=int, help="values per quantization group (default 64)")
+    g.add_argument("--compute", choices=["exact", "int8"],
+                   help="int8: 8-bit weights (a scale per row) times 8-bit activations (a scale per token) in the "
+                        "CPU's int8 GEMM; faster, not exact (default: exact; not with --compress-weight)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off")

@@ -36,7 +36,7 @@ def describe(plan, hw_note: str = "") -> str:
         f"policy: gpu_batch_size {p.gpu_batch_size} x num_gpu_batches {p.num_gpu_batches} (block {p.block_size}), "
         f"weight_format {p.weight_format.value}, overlap {'on' if p.overlap else 'off'}",
         f"  weights {place(p.weights)}; cache {place(p.cache)}; activations {place(p.activations)}",
-        f"  compression: weights {comp(p.compress_weight)}, cache {comp(p.compress_cache)}",
+        f"  compression: weights {comp(p.compress_weight)}, cache {comp(p.compress_cache)}; compute {p.compute}",
         f"predicted throughput: {pred.throughput:.3g} token/s (prefill {pred.prefill_s:.3g} s + decode "
         f"{pred.decode_s:.3g} s)",
         "memory per tier (GiB, peak / limit): " + ", ".join(
@@ -48,7 +48,9 @@ def describe(plan, hw_note: str = "") -> str:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     work = auto_policy.workload(args.prompt_len, args.gen_len, args.num_seqs)
-    plan = auto_policy.plan(args.model, work, limits=limits(args),
+    from runtime.policy import Policy
+
+    plan = auto_policy.plan(args.model, work, Policy(compute=args.compute), limits=limits(args),
                             hardware=args.hardware,
                             compress=auto_policy.compressions(args.compress, args.bits, args.group_size),
                             batch_sizes=[args.batch_size] if args.batch_size else None,
@@ -85,6 +87,8 @@ def add_parsers(sub) -> None:
                    help="compression the search may use: none (default, exact), weight, cache, both, any")
     p.add_argument("--bits", type=int, help="bits of --compress (default 4)")
     p.add_argument("--group-size", type=int, help="group size of --compress (default 64)")
+    p.add_argument("--compute", choices=["exact", "int8"], default="exact",
+                   help="int8: plan int8 weights and activations (CPU; not with weight compression)")
     p.add_argument("--batch-size", type=int, help="fix gpu_batch_size instead of searching it")
     p.add_argument("--num-batches", type=int, help="fix num_gpu_batches instead of searching it")
     add_planning_args(p)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.errors import PolicyError
+from runtime.int8 import Int8Codec
 from runtime.policy import INT4_DENSE_ROWS, QuantConfig, int4_kernel_fits
 from runtime.quant import QuantizedTensor, dequantize, layout_of, quantize
 
@@ -119,6 +121,11 @@ class WeightCodec:
     def __init__(self, config: QuantConfig, device: torch.device, dense_rows: int = INT4_DENSE_ROWS) -> None:
         self.config, self.device, self.dense_rows = config, device, dense_rows
 
+    def identity(self) -> dict:
+        """What the stored bytes depend on besides the checkpoint (the offload folder's key): the config, and torch's
+        version, as the int4 kernel's packing may change with it."""
+        return {"compress": self.config.to_json(), "torch": torch.__version__}
+
     def uses_kernel(self, shape: tuple[int, ...]) -> bool:
         """Whether a weight of `shape` is stored in the fused CPU kernel's form."""
         return self.device.type == "cpu" and int4_kernel_fits(tuple(shape), self.config)
@@ -161,6 +168,21 @@ class WeightCodec:
         w = self.decode(buf, shape)
         return w.dequantize() if isinstance(w, Int4Weight) else w
 
+
+Codec = WeightCodec | Int8Codec
+"""What stores a policy's decoder matrices, one interface: `nbytes`, `encode`, `decode`, `values`, `uses_kernel`,
+`identity`."""
+
+
+def weight_codec(compress_weight: QuantConfig | None, compute: str, device: torch.device,
+                 dense_rows: int = INT4_DENSE_ROWS) -> Codec | None:
+    """The codec that stores a policy's decoder matrices (`compress_weight` or `compute: int8`), or None: as is."""
+    if compute == "int8":
+        if device.type != "cpu":
+            raise PolicyError(f"compute: int8 runs on the CPU (torch's int8 GEMM), not on {device.type}: "
+                              "drop it or set device: cpu")
+        return Int8Codec(device)
+    return WeightCodec(compress_weight, device, dense_rows) if compress_weight else None
 
 
 class KVCodec:

@@ -24,7 +24,8 @@ Where this departs from FlexGen's `cost_model.py`, and why:
   than the compute dtype (fp16, computed in fp32) are cast inside the matmul, cache-hot, which costs no
   more than the matmul itself; on an accelerator a conversion per step is added to compute.
 - Compression changes both bytes (packed sizes, as the runtime stores them) and compute: the fused int4
-  kernel's rate where the runtime uses it, else dequantization at the measured rate before the matmul.
+  kernel's rate where the runtime uses it, else dequantization at the measured rate before the matmul;
+  `compute: int8` the int8 GEMM's measured rate on int8 bytes (`runtime.weight_costs`).
 - Memory terms that exist only when something is offloaded (staging buffers) are counted when the
   placement offloads; the LP, which cannot express "if", counts them always (`assume_offload`).
 - A fitted `Calibration` scales compute, I/O and RAM and adds a per-call overhead (FlexGen fits nothing).
@@ -36,25 +37,22 @@ import math
 from dataclasses import dataclass, field, replace
 
 from runtime.hardware import HardwareSpec
-from runtime.policy import (
-    CAST_BLOCK_BYTES,
-    INT4_DENSE_ROWS,
-    PREFETCH_DEPTH,
-    ROW_CHUNK,
-    Policy,
-    QuantConfig,
-    WeightFormat,
-    int4_kernel_fits,
-    layout_of,
-)
+from runtime.policy import CAST_BLOCK_BYTES, PREFETCH_DEPTH, ROW_CHUNK, Policy, WeightFormat, layout_of
 from runtime.shapes import attention_flops, kv_values_per_token, shapes, working_width
 from runtime.spec import ModelSpec
+from runtime.weight_costs import (
+    DTYPE_BYTES,
+    TIERS,
+    compute_dtype,
+    head_kind,
+    int4_unpack_rate,
+    uses_int4_kernel,
+    weight_bytes,
+)
 
 VARS = ("wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd")
 """Placement fractions: weights (w), cache (c), activations (h) on device (g), host (c), disk (d)."""
-TIERS = ("device", "host", "disk")
 PHASES = ("prefill", "decode")
-_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
 
 @dataclass(frozen=True)
@@ -176,40 +174,6 @@ def _per(nbytes: float, rate: float) -> float:
     return nbytes / rate if rate > 0 else math.inf
 
 
-def compute_dtype(hw: HardwareSpec, model: ModelSpec) -> str:
-    """What the runtime computes in (`runtime.device.compute_dtype`): fp32 on a CPU; on an accelerator bf16 for a
-    bf16 checkpoint where the device has native bf16 (the profile then has its rate), else fp16."""
-    if not hw.accelerator:
-        return "float32"
-    return "bfloat16" if model.torch_dtype == "bfloat16" and "bfloat16" in hw.matmul else "float16"
-
-
-def uses_int4_kernel(hw: HardwareSpec, model: ModelSpec, q: QuantConfig | None) -> bool:
-    """Whether the runtime computes compressed weights in the fused CPU int4 kernel (runtime.compressed)."""
-    return (q is not None and not hw.accelerator and "int4" in hw.matmul
-            and all(int4_kernel_fits(shape, q) for shape in shapes(model).decoder_matmuls))
-
-
-def int4_unpack_rate(hw: HardwareSpec) -> float:
-    """Values/s of `Int4Weight`'s dequantization into fp32 blocks (profiles without it: the grouped one's)."""
-    return hw.int4_dequantize or hw.dequantize
-
-
-def int4_dense_rows(hw: HardwareSpec, model: ModelSpec, candidates=(16, 32, 64, 96, 128, 192, 256, 384, 512)) -> int:
-    """`Policy.int4_dense_rows` for `model` on `hw`: the fewest rows from which a step of the model's decoder matmuls
-    runs faster as dequantize + fp32 GEMM than in the fused int4 kernel (`Int4Weight`); past the last candidate,
-    never dense (a product that large is a prefill the kernel wins anyway only on a machine without a fast GEMM)."""
-    if hw.accelerator or "int4" not in hw.matmul:
-        return INT4_DENSE_ROWS
-    params = sum(n * k for n, k in shapes(model).decoder_matmuls)
-    for m in candidates:
-        kernel = 2 * m * params / hw.matmul_rate("int4", m)
-        dense = 2 * m * params / hw.matmul_rate("float32", m) + params / int4_unpack_rate(hw)
-        if dense < kernel:
-            return m
-    return 2**31 - 1
-
-
 @dataclass(frozen=True)
 class _Sizes:
     """Per-layer averages of the model's parameters and FLOPs (embedding and head spread over the layers), from
@@ -236,45 +200,14 @@ def _sizes(model: ModelSpec, policy: Policy, cdt_bytes: int) -> _Sizes:
                   2 * model.num_kv_heads * per_head)
 
 
-@dataclass(frozen=True)
-class WeightBytes:
-    """Bytes of a model's weights as the runtime stores them (`runtime.weights.WeightStore`)."""
-
-    stored: dict[str, float]
-    """tier -> every weight in that tier's form: packed when compressed; else in the compute dtype on the device
-    (the checkpoint's with `weight_format=checkpoint` on a CPU), the checkpoint's in host RAM of an accelerator
-    and on disk."""
-    kept: dict[str, float]
-    """tier -> the weights a disk placement keeps in memory (`WeightSpec.in_memory`: the tables, an untied head)
-    in that tier's form; the disk holds the rest."""
-
-
-def weight_bytes(hw: HardwareSpec, model: ModelSpec, policy: Policy) -> WeightBytes:
-    z = shapes(model)
-    ckpt = _DTYPE_BYTES.get(model.torch_dtype, 4)
-    cdt = _DTYPE_BYTES[compute_dtype(hw, model)]
-    in_ram = cdt if policy.weight_format == WeightFormat.COMPUTE else ckpt  # the CPU's device tier is RAM
-    form = {"device": cdt if hw.accelerator else in_ram, "host": ckpt if hw.accelerator else in_ram, "disk": ckpt}
-    qw = policy.compress_weight
-
-    def matrices(shapes_: tuple[tuple[int, int], ...], tier: str) -> float:
-        if qw is None:
-            return sum(n * k for n, k in shapes_) * form[tier]
-        return sum(layout_of(s, qw, qw.axis == "output").nbytes for s in shapes_)
-
-    rest = z.lookup_params + z.other_params
-    return WeightBytes({t: matrices(z.matrices, t) + rest * form[t] for t in TIERS},
-                       {t: matrices(z.kept_matrices, t) + z.lookup_params * form[t] for t in TIERS})
-
-
 def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
           assume_offload: bool = False) -> CostTerms:
     """The cost terms of `policy`'s discrete choices (batch shape, compression, format, overlap) as linear
     functions of its placement; `assume_offload`: count offload-only buffers whatever the placement."""
     acc, cal = hw.accelerator, hw.calibration
-    ckpt_bytes = _DTYPE_BYTES.get(model.torch_dtype, 4)
+    ckpt_bytes = DTYPE_BYTES.get(model.torch_dtype, 4)
     cdt = compute_dtype(hw, model)
-    cdt_bytes = _DTYPE_BYTES[cdt]
+    cdt_bytes = DTYPE_BYTES[cdt]
     z = _sizes(model, policy, cdt_bytes)
     g, nb = policy.gpu_batch_size, policy.num_gpu_batches
     B, s, n, nl = g * nb, work.prompt_len, work.gen_len, model.num_layers
@@ -295,22 +228,27 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
     w_disk = w_io - kept["disk"]
 
     # Compute (FLOPs at measured rates), conversion and dequantization, per layer.
+    int8 = policy.compute == "int8"
+
     def gemm(rows: int, per_row_flops: float, head_rows: int) -> float:
-        head = head_rows * nb * z.head_flops_per_row / hw.matmul_rate(cdt, head_rows)  # the head: never int4
+        head = head_rows * nb * z.head_flops_per_row / hw.matmul_rate(head_kind(hw, model, policy), head_rows)
+        if int8:
+            return rows * nb * per_row_flops / hw.matmul_rate("int8", rows) + head
         if kernel and rows < policy.int4_dense_rows:
             return rows * nb * per_row_flops / hw.matmul_rate("int4", rows) + head
         # the compute dtype's GEMM; 4-bit kernel weights dequantized for each chunk of rows (layers.by_rows)
         unpack = nb * math.ceil(rows / ROW_CHUNK) * z.matrix_params / int4_unpack_rate(hw) if kernel else 0.0
         return rows * nb * per_row_flops / hw.matmul_rate(cdt, rows) + unpack + head
 
+    # int8 codes are multiplied as stored (the activations' quantization is in the measured int8 rate): no term
     convert = Lin()
-    if qw is None:
+    if qw is None and not int8:
         # On the CPU the cast happens inside the matmul, a cache-hot block at a time (runtime.kernels.CastWeight),
         # measured no slower than the matmul of fp32 weights alone: no term of its own. An accelerator converts
         # the disk weights of an fp32 checkpoint to its 16-bit compute dtype once per step.
         if ckpt_bytes != cdt_bytes and acc:
             convert = Lin.of(wd=_per(z.matrix_params * cdt_bytes, hw.convert))
-    elif not kernel:
+    elif qw is not None and not kernel:
         convert = Lin.of(_per(z.matrix_params, hw.dequantize))
     calls = Lin.of(nb * cal.call_overhead_s)
     cache_codec = 0.0 if policy.compress_cache is None or not keeps_cache else 1.0
@@ -365,7 +303,7 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
         if cache_codec:
             working += g * (s + n) * kvv * cdt_bytes  # one micro-batch's cache dequantized for attention
         staging = {"device": working, "host": 0.0}
-        converts = not kernel and (qw is not None or (offload_w and ckpt_bytes != cdt_bytes) or acc
+        converts = not kernel and not int8 and (qw is not None or (offload_w and ckpt_bytes != cdt_bytes) or acc
                                   or policy.weight_format == WeightFormat.CHECKPOINT)
         if (converts and not acc and qw is None) or kernel:  # CPU block casts (runtime.kernels.CastWeight)
             staging["device"] += CAST_BLOCK_BYTES

@@ -17,7 +17,7 @@ import torch
 
 from runtime import batching
 from runtime.checkpoint import Checkpoint
-from runtime.compressed import WeightCodec
+from runtime.compressed import weight_codec
 from runtime.device import PeakMemory, compute_dtype, resolve_device
 from runtime.disk import DiskIO
 from runtime.errors import InputError
@@ -49,8 +49,8 @@ class Engine:
         keep = self.policy.weight_format == WeightFormat.CHECKPOINT and storage.is_floating_point
         self.layers = get_family(self.spec.family).build_layers(self.spec)
         io = offload = None
-        codec = (WeightCodec(self.policy.compress_weight, self.device, self.policy.int4_dense_rows)
-                 if self.policy.compress_weight else None)
+        codec = weight_codec(self.policy.compress_weight, self.policy.compute, self.device,
+                             self.policy.int4_dense_rows)
         if self.policy.offloads():
             offload, io = OffloadDir(offload_dir), DiskIO()
             self._finalizer = weakref.finalize(self, _release, io, offload)

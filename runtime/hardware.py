@@ -80,7 +80,8 @@ class HardwareSpec:
     host_to_disk: float
     """Bytes/s of sequential writes to disk."""
     matmul: dict[str, list[list[float]]]
-    """Compute dtype (`float32`, `float16`, `bfloat16`, `int4` = fused weight-only kernel) -> [[m, FLOP/s], ...]
+    """Compute dtype (`float32`, `float16`, `bfloat16`, `int4` = fused weight-only kernel, `int8` = int8 x int8
+    with the activations' quantization, `compute: int8`) -> [[m, FLOP/s], ...]
     measured at m rows (tokens in a step): small m is decode-like, large m prefill-like. Between points the
     rate is interpolated in log m; outside them it is the nearest point's."""
     attention_prefill: float

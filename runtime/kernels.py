@@ -16,7 +16,7 @@ product: the same to the bit in every shape measured but m = 1 with a bias (~1e-
 
 `Int4Weight` (4-bit weights in the CPU int4 kernel's form) goes through the same blocked loop at
 `Policy.int4_dense_rows` rows and more: its blocks of rows are dequantized into the fp32 scratch instead of cast
-(runtime.compressed).
+(runtime.compressed). `Int8Weight` (`compute: int8`) always computes in torch's int8 GEMM (runtime.int8).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.compressed import Int4Weight
+from runtime.int8 import Int8Weight
 
 # Rows (tokens in a step) for which the transposed product wins on the CPU, measured as above.
 _SKINNY_ROWS = range(2, 257)
@@ -55,12 +56,13 @@ class CastWeight:
                 start += block.shape[0]
 
 
-def linear(x: torch.Tensor, w: torch.Tensor | Int4Weight | CastWeight, b: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor | Int4Weight | Int8Weight | CastWeight,
+           b: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ w (N, K)^T + b (N) -> (..., N); `w` may be a compressed weight in a fused kernel's form, which
     computes either in its kernel or, at `Int4Weight.dense` sizes, from blocks of rows dequantized like a cast."""
     n, k = w.shape
     m = x.numel() // k
-    if isinstance(w, Int4Weight) and not w.dense(m):
+    if isinstance(w, Int8Weight) or isinstance(w, Int4Weight) and not w.dense(m):
         return w.matmul(x, b)
     x2 = x.reshape(m, k)  # (m, K)
     skinny = x.device.type == "cpu" and x.dtype == torch.float32 and m in _SKINNY_ROWS

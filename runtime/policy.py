@@ -126,6 +126,17 @@ the CPUs measured here (the planner sets it from the machine's profile, `cost_mo
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 """Group sizes of torch's fused CPU int4 kernel (`runtime.compressed`)."""
 
+COMPUTES = ("exact", "int8")
+"""`Policy.compute` choices: `exact` computes in the compute dtype (fp32 on a CPU) on the weights as stored; `int8`
+multiplies 8-bit activations by 8-bit weights (`runtime.int8`), which changes results and so is only ever chosen."""
+
+
+def int8_nbytes(shape: tuple[int, ...]) -> int:
+    """Bytes of a matrix (N, K) in `compute: int8`'s stored form (`runtime.int8`): int8 codes (N, K) padded to 64
+    bytes, then one fp32 scale per row. Torch-free, so the cost model and the runtime size it alike."""
+    n, k = shape
+    return -(-n * k // 64) * 64 + 4 * n
+
 
 def int4_kernel_fits(shape: tuple[int, ...], config: QuantConfig) -> bool:
     """Whether a matrix of `shape` (N, K) under `config` can be stored in the fused CPU int4 kernel's form: 4 bits
@@ -207,6 +218,10 @@ class Policy:
     """CPU, weights in the fused int4 kernel's form: a matmul of at least this many rows (tokens in a step: prefill,
     scoring) dequantizes the weight a block of rows at a time into fp32 and runs the fp32 GEMM (exact fp32 compute on
     the stored 4-bit weights); fewer rows (decode) run the int4 kernel (bf16 activations, 1/8 of fp32's bytes)."""
+    compute: str = "exact"
+    """`exact`, or `int8` (CPU, opt-in: it changes results): every decoder matrix is stored as 8-bit codes with a
+    scale per output row, and each step's activations are quantized to 8 bits per token before an int8 x int8 ->
+    int32 GEMM (`runtime.int8`; the embedding and a tied head stay exact). Not with `compress_weight`."""
 
     def __post_init__(self) -> None:
         for name in ("gpu_batch_size", "num_gpu_batches", "int4_dense_rows"):
@@ -225,6 +240,11 @@ class Policy:
             object.__setattr__(self, name, _placement(getattr(self, name)))
         for name in ("compress_weight", "compress_cache"):
             object.__setattr__(self, name, QuantConfig.from_json(getattr(self, name)))
+        if self.compute not in COMPUTES:
+            raise PolicyError(f"Policy.compute must be one of {', '.join(COMPUTES)}, got {self.compute!r}")
+        if self.compute == "int8" and self.compress_weight is not None:
+            raise PolicyError("Policy.compute int8 stores the weights as 8-bit codes itself: it does not combine "
+                              "with compress_weight (drop one of them)")
         for name in ("overlap", "cpu_attention", "pin_host_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise PolicyError(f"Policy.{name} must be true or false, got {getattr(self, name)!r}")

@@ -37,7 +37,6 @@ from runtime.cost_model import (
     Prediction,
     Workload,
     capacities,
-    int4_dense_rows,
     num_blocks,
     predict,
     terms,
@@ -46,6 +45,7 @@ from runtime.errors import PolicyError
 from runtime.hardware import HardwareSpec
 from runtime.policy import Placement, Policy, QuantConfig, WeightFormat
 from runtime.spec import ModelSpec
+from runtime.weight_costs import int4_dense_rows
 
 _GiB = 2**30
 _ROUND = 1e-4  # fractions are rounded to this: the runtime places whole tensors anyway
@@ -104,8 +104,10 @@ def search(hw: HardwareSpec, model: ModelSpec, work: Workload, base: Policy | No
     sizes = batch_sizes or batch_candidates(limit)
     counts = num_batches or [k for k in batch_candidates(limit) if k & (k - 1) == 0]  # powers of 2
     compressions = compressions or [(base.compress_weight, base.compress_cache)]
+    if base.compute == "int8":  # its weights are int8 codes: no weight compression, no stored format to choose
+        compressions = list(dict.fromkeys((None, qc) for _, qc in compressions))
     formats = [WeightFormat.COMPUTE]
-    if not hw.accelerator and model.torch_dtype != "float32":
+    if not hw.accelerator and model.torch_dtype != "float32" and base.compute == "exact":
         formats.append(WeightFormat.CHECKPOINT)  # fp16 in RAM, converted per layer: half the bytes
     lp = _LP()
     best: Prediction | None = None

@@ -2,7 +2,8 @@
 
 Each figure is measured through the code path the runtime itself uses, so the cost model divides by
 what the engine can reach: GEMMs through `runtime.kernels.linear` (on the CPU it multiplies skinny
-products transposed), the int4 kernel through `WeightCodec`, disk reads and writes through `DiskIO`
+products transposed), the int4 kernel through `WeightCodec`, int8 x int8 through `runtime.int8` (activations'
+quantization included), disk reads and writes through `DiskIO`
 (thread pool, page cache dropped after each read) with the test file's pages evicted first
 (`posix_fadvise(DONTNEED)` after an fsync: a profile must never measure RAM while claiming disk), dtype
 conversion into a reused buffer, dequantization through `runtime.quant`. Timings are the best of a few
@@ -67,6 +68,26 @@ def int4_rate(m: int, k: int = _GEMM_K, n: int = _GEMM_N) -> float | None:
             return 2 * m * k * n / best_time(lambda: w.matmul(x))
     except (RuntimeError, NotImplementedError):
         return None
+
+
+def int8_rate(m: int, k: int = _GEMM_K, n: int = _GEMM_N) -> float | None:
+    """FLOP/s of `compute: int8`'s product (`Int8Weight.matmul`: the activations quantized, int8 GEMM, scaled);
+    None where torch has no int8 GEMM for the CPU."""
+    from runtime.int8 import Int8Codec
+
+    codec = Int8Codec(torch.device("cpu"))
+    try:
+        w = codec.decode(codec.encode(torch.randn(n, k)), (n, k))
+        x = torch.randn(m, k)
+        with torch.inference_mode():
+            return 2 * m * k * n / best_time(lambda: w.matmul(x))
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def int8_rates() -> list[list[float]]:
+    """`HardwareSpec.matmul["int8"]`: [[m, FLOP/s], ...] at the fp32 GEMM's rows; [] without the kernel."""
+    return [[m, r] for m in _GEMM_ROWS if (r := int8_rate(m)) is not None]
 
 
 def attention_rate(batch: int, heads: int, q_len: int, kv_len: int, device: torch.device,
@@ -168,6 +189,9 @@ def profile(offload_dir: str | os.PathLike | None = None, log: Callable[[str], N
             unpack = int4_dequantize_rate() or 0.0
             log("  int4 kernel GFLOP/s by rows: " + ", ".join(f"{m}: {r / 1e9:.0f}" for m, r in int4)
                 + f"; its form into fp32 {unpack / 1e9:.2f} G values/s")
+        if int8 := int8_rates():
+            matmul["int8"] = int8
+            log("  int8 GEMM GFLOP/s by rows: " + ", ".join(f"{m}: {r / 1e9:.0f}" for m, r in int8))
     cdt = torch.float16 if cuda else torch.float32
     attn_p = attention_rate(2, 16, 256, 256, device, cdt)
     attn_g = attention_rate(16, 16, 1, 512, device, cdt)

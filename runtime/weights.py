@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from runtime.checkpoint import Checkpoint
-from runtime.compressed import WeightCodec
+from runtime.compressed import Codec, weight_codec
 from runtime.disk import DiskIO, Pending, Region, aligned_empty, span_capacity
 from runtime.errors import CheckpointError
 from runtime.kernels import CastWeight
@@ -58,7 +58,7 @@ class _Stored:
         return (self.packed,) if self.packed else self.shape
 
 
-def packed_size(spec: WeightSpec, codec: WeightCodec | None) -> int:
+def packed_size(spec: WeightSpec, codec: Codec | None) -> int:
     """Bytes of `spec` compressed, or 0 when it stays as is: no codec, not a matrix, or a lookup table
     (embeddings, and a head tied to them, are read by row: they keep the checkpoint's dtype)."""
     if codec is None or len(spec.shape) != 2 or spec.lookup:
@@ -66,12 +66,12 @@ def packed_size(spec: WeightSpec, codec: WeightCodec | None) -> int:
     return codec.nbytes(spec.shape)
 
 
-def stored_size(spec: WeightSpec, codec: WeightCodec | None, dtype: torch.dtype) -> int:
+def stored_size(spec: WeightSpec, codec: Codec | None, dtype: torch.dtype) -> int:
     """Bytes of `spec` as stored: packed when compressed, else in `dtype` (its checkpoint tensors')."""
     return packed_size(spec, codec) or torch.Size(spec.shape).numel() * dtype.itemsize
 
 
-def layer_weights(ckpt: Checkpoint, layers: list[Layer], codec: WeightCodec | None) -> list[tuple[list, list, list]]:
+def layer_weights(ckpt: Checkpoint, layers: list[Layer], codec: Codec | None) -> list[tuple[list, list, list]]:
     """Per layer: the weights `WeightStore` places with it (a tied weight once, with its first layer), their
     stored bytes and their checkpoint dtypes; from the checkpoint's headers only."""
     seen, out = set(), []
@@ -141,7 +141,7 @@ class WeightStore:
     def __init__(self, ckpt: Checkpoint, layers: list[Layer], device: torch.device, memory_dtype: torch.dtype,
                  compute_dtype: torch.dtype, placement: Placement, io: DiskIO | None = None,
                  offload: OffloadDir | None = None, pin: bool = False, progress: bool = False,
-                 codec: WeightCodec | None = None) -> None:
+                 codec: Codec | None = None) -> None:
         self.device, self.compute_dtype, self.io, self.codec = device, compute_dtype, io, codec
         self.pin = pin and device.type == "cuda"
         self.depth = PREFETCH_DEPTH
@@ -166,8 +166,8 @@ class WeightStore:
             if offload is None:
                 raise CheckpointError("weights placed on disk need an offload folder")
             identity = {"checkpoint": ckpt.fingerprint()}
-            if codec is not None:  # the int4 kernel's packing may change with torch: key on its version
-                identity.update(compress=codec.config.to_json(), torch=torch.__version__)
+            if codec is not None:
+                identity.update(codec.identity())
             regions = offload.prepared(identity, to_prepare)
             for stored in shared.values():
                 if stored.tier == Tier.DISK and stored.regions is None:
@@ -292,7 +292,7 @@ class WeightStore:
                 if src.device != self.device:
                     src = self._buffer(self._compute, ((s.packed,), src.dtype, nth), (s.packed,), src.dtype,
                                        self.device).copy_(src, non_blocking=True)
-                if self.codec.uses_kernel(s.shape):  # large steps dequantize blocks of rows (Int4Weight.dense)
+                if self.codec.uses_kernel(s.shape):  # large int4 steps dequantize blocks of rows (Int4Weight.dense)
                     out[key] = self.codec.decode(src, s.shape, scratch=self._cast_scratch(torch.float32))
                 else:
                     out[key] = self.codec.decode(src, s.shape, self._buffer(
@@ -363,7 +363,7 @@ def _check_shapes(ckpt: Checkpoint, spec: WeightSpec) -> None:
                               "the weights and config.json do not belong together")
 
 
-def weight_levels(spec, compress_weight=None) -> list[float]:
+def weight_levels(spec, compress_weight=None, compute: str = "exact") -> list[float]:
     """The weight fractions the runtime realises exactly, as the cost model reads them (that share of every
     layer's bytes, over the model): with the boundaries b between the tensors of a decoder layer in its
     cumulative bytes and n decoder layers, b_k + (b_k+1 - b_k) * m / n for m in 0..n: m of the n layers
@@ -374,7 +374,7 @@ def weight_levels(spec, compress_weight=None) -> list[float]:
 
     from runtime.shapes import layout
 
-    codec = WeightCodec(compress_weight, torch.device("cpu")) if compress_weight else None
+    codec = weight_codec(compress_weight, compute, torch.device("cpu"))
     dtype = getattr(torch, spec.torch_dtype)
     kinds: Counter = Counter()
     for layer in layout(spec):

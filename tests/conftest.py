@@ -33,6 +33,14 @@ def tiny_llama(tmp_path_factory, tokenizer_dir):
     return _once(tmp_path_factory, tokenizer_dir, tiny_models.build_llama, "llama-gqa")
 
 
+@pytest.fixture(scope="session")
+def model64(tmp_path_factory, tokenizer_dir):
+    """A 64-wide OPT: K and N fit the CPU int4 kernel (multiples of its tiles)."""
+    out = tmp_path_factory.mktemp("opt-64")
+    tiny_models.build_opt(out, tokenizer=tokenizer_dir, hidden_size=64, ffn_dim=128, num_attention_heads=4)
+    return out
+
+
 def _once(factory, tokenizer_dir, build, default: str):
     import torch
 

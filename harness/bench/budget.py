@@ -67,18 +67,18 @@ def describe(row: Row, peak: int, budget: int) -> str:
     return f"{row.throughput:.2f} tok/s ({row.busy_s:.1f} s), peak RSS {peak / _GiB:.2f} GiB{over}"
 
 
-def fit_fraction(path, budget: int, compress_weight=None) -> float:
+def fit_fraction(path, budget: int, compress_weight=None, compute: str = "exact") -> float:
     """The largest of `weight_levels` whose resident bytes (the weights kept in memory whatever the
     placement included) stay within `budget`, as `WeightStore` places them: the fraction W2 and W3 run at."""
     import torch
 
     from runtime.checkpoint import Checkpoint
-    from runtime.compressed import WeightCodec
+    from runtime.compressed import weight_codec
     from runtime.families import get_family
     from runtime.policy import Placement, Tier
     from runtime.weights import assign_tiers, layer_ranks, layer_weights, weight_levels
 
-    codec = WeightCodec(compress_weight, torch.device("cpu")) if compress_weight else None
+    codec = weight_codec(compress_weight, compute, torch.device("cpu"))
     ckpt = Checkpoint(path)
     planned = layer_weights(ckpt, get_family(ckpt.spec.family).build_layers(ckpt.spec), codec)
     ckpt.close()
@@ -89,4 +89,4 @@ def fit_fraction(path, budget: int, compress_weight=None) -> float:
                    for size, tier in zip(sizes, assign_tiers(specs, sizes, Placement(f, 0.0), Tier.DEVICE, rank))
                    if tier != Tier.DISK)
 
-    return next((f for f in reversed(weight_levels(ckpt.spec, compress_weight)) if resident(f) <= budget), 0.0)
+    return next((f for f in reversed(weight_levels(ckpt.spec, compress_weight, compute)) if resident(f) <= budget), 0.0)

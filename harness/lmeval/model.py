@@ -18,6 +18,7 @@ Model arguments (`--model_args k=v,...`):
 - `policy`: `auto` (planned by the cost model for the requests of each call) or the path of a policy
   JSON file (`runtime.Policy` fields; inline JSON cannot pass through lm-eval's comma-separated arguments);
 - `compress_weight`, `compress_cache` (booleans), `bits` (4), `group_size` (64): group-wise quantization;
+- `compute`: `exact` (default) or `int8` (CPU: 8-bit weights and activations in the int8 GEMM, `runtime.int8`);
 - `host_mem`, `disk_mem`: limits the auto policy must respect (sizes such as `12GiB`);
 - `max_length`, `max_gen_toks` (256), `add_bos_token`, `prefix_token_id`: as in lm-eval's `hf` model;
 - lm-eval's `--batch_size N` is the block (requests per layer pass; default 32); `auto` lets the planner
@@ -56,7 +57,7 @@ class FlexhelmLM(TemplateLM):
                  disk_mem: str | None = None, batch_size: int | str | None = None, max_batch_size: int | None = None,
                  device: str | None = None, max_length: int | None = None, max_gen_toks: int = 256,
                  add_bos_token: bool | None = None, prefix_token_id: int | None = None,
-                 offload_dir: str | None = None) -> None:
+                 offload_dir: str | None = None, compute: str = "exact") -> None:
         super().__init__()
         from harness.planning import auto_policy
         from runtime.checkpoint import load_tokenizer
@@ -72,7 +73,8 @@ class FlexhelmLM(TemplateLM):
                     (False, True): Compression.CACHE, (True, True): Compression.BOTH}[
             (bool(compress_weight), bool(compress_cache))]
         memory = {k: auto_policy.parse_size(str(v)) for k, v in (("host", host_mem), ("disk", disk_mem)) if v}
-        self.variant = Variant("lm-eval", compress, int(bits), int(group_size), requested, memory=memory)
+        self.variant = Variant("lm-eval", compress, int(bits), int(group_size), compute=str(compute),
+                               policy=requested, memory=memory)
         auto_block = str(batch_size).startswith("auto")
         self.block = None if auto_block else int(batch_size or DEFAULT_BLOCK)
         self.max_block = int(max_batch_size or AUTO_BLOCKS[-1])

@@ -14,7 +14,7 @@ import functools
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 AUTO = "auto"
@@ -87,11 +87,19 @@ def load_hardware(spec: str | None = None, offload_dir: str | None = None, log=N
     if spec:
         return HardwareSpec.load(spec)
     path = cached_path()
+    say = log or (lambda s: print(s, file=sys.stderr))
     if path.is_file():
-        return HardwareSpec.load(path)
+        hw = HardwareSpec.load(path)
+        if hw.accelerator or "int8" in hw.matmul:
+            return hw
+        from runtime.profiler import int8_rates  # a profile from before `compute: int8`: add its rates (seconds)
+
+        say(f"flexhelm: measuring this CPU's int8 GEMM once for {path}")
+        hw = replace(hw, matmul={**hw.matmul, "int8": int8_rates() or hw.matmul["float32"]})
+        hw.save(path)
+        return hw
     from runtime.profiler import profile
 
-    say = log or (lambda s: print(s, file=sys.stderr))
     say(f"flexhelm: no hardware profile for this machine yet: measuring it once (cached as {path})")
     hw = profile(offload_dir, log=say)
     hw.save(path)
@@ -153,7 +161,7 @@ def plan(model_dir, work, base=None, limits: Limits | None = None, hardware: str
     hw = hardware_for(hardware, limits, offload_dir)
     spec = model_spec(model_dir)
     # The runtime keeps whole tensors in a tier: plan with the weight fractions it realises as planned.
-    levels = functools.partial(weight_levels, spec)
+    levels = functools.partial(weight_levels, spec, compute=base.compute if base else "exact")
     return search(hw, spec, work, base, batch_sizes, num_batches, compress, weight_levels=levels)
 
 

@@ -90,6 +90,8 @@ def policy_fields(variant, batch_size: int | None) -> dict:
             fields["compress_weight"] = quant
         if variant.compress.value in ("cache", "both"):
             fields["compress_cache"] = quant
+    if variant.compute != "exact":
+        fields["compute"] = variant.compute
     if batch_size is not None:
         per_block = fields.get("num_gpu_batches", 1)
         if not isinstance(per_block, int) or batch_size % per_block:

@@ -26,7 +26,7 @@ QUALITY = {
     "lambada_accuracy": True, "exact_match": True, "quasi_exact_match": True, "rouge_2": True, "f1_score": True,
     "target_perplexity": False, "word_perplexity": False, "perplexity": False, "bits_per_byte": False,
 }
-RUN_COLUMNS = ("run", "model", "scenario", "scenario_run", "variant", "compress", "bits", "group_size",
+RUN_COLUMNS = ("run", "model", "scenario", "scenario_run", "variant", "compress", "bits", "group_size", "compute",
                "policy", "policy_source", "batch_size", "main_metric", "main_se")
 RUNTIME_COLUMNS = ("throughput_tok_s", "prompt_tok_s", "prefill_s", "decode_s", "engine_wall_s", "harness_s",
                    "prompt_tokens", "generated_tokens", "engine_calls", "requests", "instances")
@@ -56,10 +56,11 @@ def _row(run_dir: Path) -> dict:
     policy = _json(run_dir / "policy.json")
     runtime = _json(run_dir / "runtime.json")
     variant = spec["variant"]
+    compute = variant.get("compute", "exact")  # runs from before `compute` computed exactly
     row = {"run": spec["id"], "model": spec["model"]["name"], "scenario": spec["scenario"]["name"],
            "scenario_run": spec["scenario"]["run"], "variant": variant["name"], "compress": variant["compress"],
-           "bits": variant["bits"] if variant["compress"] != "off" else 16,
-           "group_size": variant["group_size"] if variant["compress"] != "off" else 0,
+           "bits": variant["bits"] if variant["compress"] != "off" else 8 if compute == "int8" else 16,
+           "group_size": variant["group_size"] if variant["compress"] != "off" else 0, "compute": compute,
            "policy": _policy_text(policy["policy"]), "policy_source": policy["source"],
            "batch_size": spec["batch_size"]}
     done = _json(run_dir / "done.json")
@@ -102,7 +103,8 @@ COMPARISON_COLUMNS = ("model", "scenario", "batch_size", "baseline", "variant", 
 
 
 def comparison(frame, suite_dir: str | Path | None = None):
-    """For each compressed run, the uncompressed run of the same model, scenario and batch size beside it. With
+    """For each compressed run (4-bit weights or cache, or int8 compute), the uncompressed run computed exactly of the
+    same model, scenario and batch size beside it. With
     the runs' folder, each value's standard error and the difference's 95% paired bootstrap interval over the
     instances both runs scored (`harness.reports.paired`); without, those columns are NaN."""
     import pandas as pd
@@ -110,12 +112,12 @@ def comparison(frame, suite_dir: str | Path | None = None):
     nan = float("nan")
     rows = []
     for (model, scenario, batch), group in frame.groupby(["model", "scenario", "batch_size"], sort=True):
-        base = group[group["compress"] == "off"]
-        if base.empty:
+        exact = (group["compress"] == "off") & (group["compute"] == "exact" if "compute" in group else True)
+        if not exact.any():
             continue
-        base = base.iloc[0]
+        base = group[exact].iloc[0]
         metric = base["main_metric"] if base["main_metric"] in QUALITY else None
-        for _, run in group[group["compress"] != "off"].iterrows():
+        for _, run in group[~exact].iterrows():
             b, v = (base[metric], run[metric]) if metric else (nan, nan)
             row = {"model": model, "scenario": scenario, "batch_size": batch, "baseline": base["variant"],
                    "variant": run["variant"], "metric": metric or "-", "n": 0, "baseline_value": b,

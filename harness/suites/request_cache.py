@@ -44,16 +44,19 @@ def whole_lines(data: bytes) -> bytes:
 
 
 RESULT_FIELDS = ("compress_weight", "compress_cache", "device")
-"""The Policy fields that change a request's result. Placement over tiers, the weight format, overlap and the split
-of a block into micro-batches do not (offloading never changes results: tests/runtime check it), so a run
-replanned after it was killed (`harness/suites/memory_watch.py`) keeps its finished batches."""
+"""The Policy fields that change a request's result, besides `compute` (counted where it is not `exact`, so keys
+from before it stay valid). Placement over tiers, the weight format, overlap and the split of a block into
+micro-batches do not (offloading never changes results: tests/runtime check it), so a run replanned after it was
+killed (`harness/suites/memory_watch.py`) keeps its finished batches."""
 
 
 def request_key(model: dict, policy: dict, request) -> str:
     """Cache key of a HELM `Request` sent to `model` (see `model_identity`) under `policy` (Policy JSON; only its
-    `RESULT_FIELDS` count)."""
-    payload = {"model": model, "policy": {k: policy.get(k) for k in RESULT_FIELDS},
-               "request": dataclasses.asdict(request)}
+    `RESULT_FIELDS` and `compute` count)."""
+    fields = {k: policy.get(k) for k in RESULT_FIELDS}
+    if policy.get("compute", "exact") != "exact":
+        fields["compute"] = policy["compute"]
+    payload = {"model": model, "policy": fields, "request": dataclasses.asdict(request)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 

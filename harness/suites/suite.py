@@ -20,6 +20,7 @@ variants:
     compress: both                # off (default) | weights | cache | both
     bits: 4                       # with compress: 2, 3, 4 (default) or 8
     group_size: 64
+    compute: exact                # exact (default) | int8: int8 x int8 products on the CPU (not with 4-bit weights)
     policy: auto                  # auto (default) or an object of runtime.Policy fields
     batch_sizes: [32]             # requests per engine call; default: the policy's block size
     memory: {host: 16GiB, disk: 200GiB}   # limits the auto policy must respect
@@ -44,6 +45,7 @@ from pathlib import Path
 from harness.planning.auto_policy import size_bytes
 from harness.suites import suite_yaml
 from runtime.errors import FlexhelmError
+from runtime.policy import COMPUTES
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SUITES_DIR = PROJECT_ROOT / "suites"
@@ -89,8 +91,11 @@ class Variant:
     compress: Compression = Compression.OFF
     bits: int = 4
     group_size: int = 64
+    compute: str = "exact"
+    """`Policy.compute`: `exact`, or `int8` (8-bit weights and activations, the CPU's int8 GEMM)."""
     policy: str | dict = "auto"
-    """`auto`, or runtime.Policy fields (validated; `compress_*` and the batch come from the fields above)."""
+    """`auto`, or runtime.Policy fields (validated; `compress_*`, `compute` and the batch come from the fields
+    above)."""
     batch_sizes: tuple[int, ...] = ()
     memory: dict = field(default_factory=dict)
     """Limits per tier in bytes (`device`, `host`, `disk`), for the policy planner."""
@@ -111,6 +116,8 @@ class RunSpec:
     def to_json(self) -> dict:
         d = asdict(self)
         d["variant"]["compress"] = self.variant.compress.value
+        if d["variant"]["compute"] == "exact":  # the default: keys of runs from before the field stay valid
+            d["variant"].pop("compute")
         d["scenario"].pop("line")
         d["scenario"].pop("variants")  # which runs exist, not what a run computes
         return d
@@ -247,7 +254,7 @@ class _Parser:
                              self.doc.line(where))
 
     def _variant(self, item, where: tuple) -> Variant | None:
-        known = {"compress", "bits", "group_size", "policy", "batch_sizes", "memory"}
+        known = {"compress", "bits", "group_size", "compute", "policy", "batch_sizes", "memory"}
         if not self._keys(item, where, required={"name"}, optional=known):
             return None
         raw = item.get("compress", "off")
@@ -263,9 +270,14 @@ class _Parser:
             for key in ("bits", "group_size"):
                 if key in item:
                     self.fail(where + (key,), "only applies with `compress: weights | cache | both`")
+        compute = self._typed(item, where, "compute", str, "exact")
+        if compute not in COMPUTES:
+            self.fail(where + ("compute",), f"must be one of {', '.join(COMPUTES)}, got {compute!r}")
+            compute = "exact"
         variant = Variant(
             name=self._name(item, where, "name"), compress=compress,
             bits=self._typed(item, where, "bits", int, 4), group_size=self._typed(item, where, "group_size", int, 64),
+            compute=compute,
             policy=self._policy(item, where), batch_sizes=self._batch_sizes(item, where),
             memory=self._memory(item, where))
         from harness.planning.policies import (
@@ -287,9 +299,10 @@ class _Parser:
         if not isinstance(value, dict):
             self.fail(where + ("policy",), f"must be `auto` or an object of runtime.Policy fields, got {value!r}")
             return "auto"
-        clash = sorted({"compress_weight", "compress_cache"} & set(value))
+        clash = sorted({"compress_weight", "compress_cache", "compute"} & set(value))
         if clash:
-            self.fail(where + ("policy",), f"set compression with the variant's `compress`/`bits`, not {clash}")
+            self.fail(where + ("policy",), f"set compression with the variant's `compress`/`bits`/`compute`, "
+                                           f"not {clash}")
         return value
 
     def _memory(self, item: dict, where: tuple) -> dict:

@@ -66,6 +66,10 @@ def test_a_killed_run_is_planned_again_below_the_peak_it_reached(tmp_path, tiny_
         run_policy(auto_run, run_dir, [])
     key = lambda p: request_key({"folder": "m"}, p.to_json(), SimpleRequest("x"))  # noqa: E731
     assert key(first.policy) == key(again.policy)
+    # int8 compute changes results, so it changes the key; `exact` keys what it keyed before the field existed
+    assert key(dataclasses.replace(first.policy, compute="int8")) != key(first.policy)
+    old = {k: v for k, v in first.policy.to_json().items() if k != "compute"}
+    assert request_key({"folder": "m"}, old, SimpleRequest("x")) == key(first.policy)
 
     explicit_dir = tmp_path / "explicit"
     fixed = run_policy(explicit_run, explicit_dir, [])

@@ -121,9 +121,26 @@ def test_profile_writes_a_spec_and_fit_calibrates_it(tmp_path, monkeypatch, caps
     hw = HardwareSpec.load(out)
     assert not hw.accelerator and hw.host_mem == 0 and hw.device_mem > 0 and hw.disk_to_host > 0
     assert hw.matmul_rate("float32", 2048) > hw.matmul_rate("float32", 1) > 0
+    assert hw.matmul_rate("int8", 2048) > hw.matmul_rate("int8", 1) > 0  # through `Int8Weight.matmul`
     for model in ("opt-tiny", "llama-tiny"):  # the fit runs any family
         calibrated = fit(hw, model=model, log=lambda s: None)
         assert calibrated.calibration.compute > 0 and calibrated.calibration.call_overhead_s >= 0
+
+
+def test_a_cached_profile_from_before_int8_gains_its_rates_once(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from harness.planning.auto_policy import load_hardware
+    from runtime.hardware import cached_path
+    from tests.runtime.cost_fixtures import cpu_hardware
+
+    monkeypatch.setenv("FLEXHELM_CACHE", str(tmp_path))
+    monkeypatch.delenv("FLEXHELM_HARDWARE", raising=False)
+    old = cpu_hardware()
+    old.save(cached_path())
+    hw = load_hardware(log=lambda s: None)
+    assert hw.matmul["int8"][0][0] == 1 and replace(hw, matmul=old.matmul) == old
+    assert "int8" in load_hardware(log=lambda s: None).matmul  # saved: measured once
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])

@@ -26,6 +26,9 @@ variants:
   - name: 4bit
     compress: both
     batch_sizes: [4]
+  - name: 8bit                    # sorts before fp16: the baseline is the exact run, not the first uncompressed
+    compute: int8
+    batch_sizes: [4]
 """
 
 
@@ -46,14 +49,15 @@ def test_report_rows_and_parquet_round_trip(suite_dir):
     from harness.reports.report import build_report, load_report, save_report
 
     frame = build_report(suite_dir)
-    assert len(frame) == 8 and frame["run"].is_unique
+    assert len(frame) == 12 and frame["run"].is_unique
+    assert set(frame[frame["variant"] == "8bit"]["compute"]) == {"int8"} and set(frame["bits"]) == {4, 8, 16}
     assert {"model", "scenario", "variant", "policy", "batch_size", "throughput_tok_s", "prefill_s", "decode_s",
             "peak_host_gib", "perplexity", "word_perplexity"} <= set(frame.columns)
     synthetic = frame[frame["scenario"] == "synthetic"]
-    assert sorted(synthetic["batch_size"]) == [1, 1, 2, 2, 4, 4] and (synthetic["throughput_tok_s"] > 0).all()
+    assert sorted(synthetic["batch_size"]) == [1, 1, 1, 2, 2, 2, 4, 4, 4] and (synthetic["throughput_tok_s"] > 0).all()
     parquet, csv = save_report(frame, suite_dir)
     pd.testing.assert_frame_equal(load_report(parquet), frame)
-    assert len(pd.read_csv(csv)) == 8
+    assert len(pd.read_csv(csv)) == 12
 
 
 def test_comparison_pairs_fp16_with_each_compressed_variant(suite_dir):
@@ -61,7 +65,8 @@ def test_comparison_pairs_fp16_with_each_compressed_variant(suite_dir):
 
     frame = build_report(suite_dir)
     table = comparison(frame, suite_dir)
-    assert len(table) == 4  # wikitext b4, synthetic b1/b2/b4
+    assert len(table) == 8  # 4-bit and int8 compute, each at wikitext b4, synthetic b1/b2/b4
+    assert set(table["baseline"]) == {"fp16"} and sorted(set(table["variant"])) == ["4bit", "8bit"]
     wiki = table[table["scenario"] == "wikitext"].iloc[0]
     assert (wiki["baseline"], wiki["variant"], wiki["metric"]) == ("fp16", "4bit", "word_perplexity")
     assert wiki["delta"] == pytest.approx(0.0) and wiki["speedup"] == pytest.approx(1.0)  # the fake is exact

@@ -69,6 +69,21 @@ def test_a_scenario_can_run_with_some_variants_only(tmp_path, tiny_opt):
     assert some.runs[0].key == full.runs[1].key
 
 
+def test_an_int8_variant_sets_compute_and_leaves_other_keys_alone(tmp_path, tiny_opt):
+    """`compute: int8` reaches the policy and the run's key; the keys of runs that compute exactly are those of
+    suites written before the field existed (finished reference runs stay finished)."""
+    from harness.planning.policies import resolve_policy
+
+    folder, _ = tiny_opt()
+    plain = load_suite(write(tmp_path, GOOD, model=folder))
+    text = GOOD.replace("  - name: fp16\n", "  - name: int8\n    compute: int8\n    batch_sizes: [4]\n  - name: fp16\n")
+    suite = load_suite(write(tmp_path, text, model=folder))
+    int8 = [r for r in suite.runs if r.variant.name == "int8"]
+    assert len(int8) == 3 and resolve_policy(int8[0]).policy.compute == "int8"
+    assert {r.id: r.key for r in plain.runs}.items() <= {r.id: r.key for r in suite.runs}.items()
+    assert "compute" not in plain.runs[0].to_json()["variant"] and int8[0].to_json()["variant"]["compute"] == "int8"
+
+
 def test_policy_fields_follow_the_variant(tmp_path, tiny_opt):
     from harness.planning.policies import resolve_policy
 
@@ -95,6 +110,9 @@ def test_policy_fields_follow_the_variant(tmp_path, tiny_opt):
     (("{{num_gpu_batches: 2}}", "{{num_gpu_batches: 3}}"), 15, r"not a multiple of the policy's num_gpu_batches"),
     (("{{host: 2GiB", "{{ram: 2GiB"), 20, r"memory\.ram: unknown tier"),
     (("suite: s1", "suite: s1\nextra: 1"), 2, r"extra: unknown key"),
+    (("    compress: off", "    compute: int4"), 13, r"variants\[0\]\.compute: must be one of exact, int8"),
+    (("    compress: both", "    compress: both\n    compute: int8"), 15, r"int8 .* does not combine"),
+    (("{{num_gpu_batches: 2}}", "{{compute: int8}}"), 15, r"not \['compute'\]"),
     (("suite: s1", "suite: my suite"), 1, r"suite: 'my suite' is not a name"),
     (("run: lambada:method=greedy", "run: lambada:method=greedy,model=x"), 6, r"leave `model=` out"),
     (("    max_instances: 20", "    max_instances: 20\n    variants: [fp16, fp8]"), 9,

@@ -11,7 +11,6 @@ from runtime.compressed import Int4Weight, WeightCodec, unpack_int4pack
 from runtime.kernels import linear
 from runtime.policy import QuantConfig
 from runtime.quant import dequantize, quantize
-from tests import tiny_models
 from tests.runtime.test_offload import PLACEMENTS, PROMPTS
 
 KERNEL = {"compress_weight": {"bits": 4, "group_size": 32}, "int4_dense_rows": 6}
@@ -20,13 +19,6 @@ FALLBACK = {"compress_weight": {"bits": 3, "group_size": 16, "axis": "output"}} 
 CACHE = {"compress_cache": {"bits": 4, "group_size": 16}}  # head_dim 16
 BOTH = {**KERNEL, **CACHE}
 FORCED = [[40, 41, 42]] * len(PROMPTS)
-
-
-@pytest.fixture(scope="module")
-def model64(tmp_path_factory, tokenizer_dir):
-    out = tmp_path_factory.mktemp("opt-64")
-    tiny_models.build_opt(out, tokenizer=tokenizer_dir, hidden_size=64, ffn_dim=128, num_attention_heads=4)
-    return out
 
 
 @pytest.mark.parametrize("m", [1, 7, 64])

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from runtime.cost_model import Workload, int4_dense_rows, predict
+from runtime.cost_model import Workload, predict
 from runtime.hardware import HardwareError, HardwareSpec, machine_key
 from runtime.policy import Placement, Policy, QuantConfig
+from runtime.weight_costs import int4_dense_rows
 from tests.runtime.cost_fixtures import G, GiB, cpu_hardware, hardware, opt, table_params
 
 WORK = Workload(prompt_len=64, gen_len=16, num_seqs=32)
@@ -60,6 +61,26 @@ def test_compression_changes_bytes_and_compute():
     cache = predict(hw, model, WORK, Policy(gpu_batch_size=8, compress_cache=q))
     plain = predict(hw, model, WORK, Policy(gpu_batch_size=8))
     assert cache.memory["device"] < plain.memory["device"]
+
+
+def test_int8_compute_costs_int8_bytes_at_the_int8_rate():
+    """`compute: int8`: matrices take a byte a weight (plus a scale a row) on every tier, and the decoder's products
+    run at the profile's int8 rate; OPT's tied head stays at the compute dtype's."""
+    model = opt("1.3b")
+    hw = cpu_hardware(matmul={"float32": [[1, 20 * G], [256, 200 * G]], "int8": [[1, 40 * G], [256, 2000 * G]]})
+    disk = dict(gpu_batch_size=8, weights=Placement(0.0, 0.0))
+    fp = predict(hw, model, WORK, Policy(**disk))
+    i8 = predict(hw, model, WORK, Policy(**disk, compute="int8"))
+    assert 0.45 < i8.memory["disk"] / fp.memory["disk"] < 0.55  # fp16 checkpoint bytes on disk, int8 codes
+    assert 0.45 < i8.terms["decode"]["disk_read"] / fp.terms["decode"]["disk_read"] < 0.55
+    ram = dict(gpu_batch_size=8)
+    fp, i8 = predict(hw, model, WORK, Policy(**ram)), predict(hw, model, WORK, Policy(**ram, compute="int8"))
+    assert i8.terms["prefill"]["compute"] < 0.3 * fp.terms["prefill"]["compute"]  # 10x the rate, less the head
+    slow = cpu_hardware(matmul={**hw.matmul, "int8": [[1, 20 * G], [256, 200 * G]]})
+    assert predict(slow, model, WORK, Policy(**ram, compute="int8")).terms["decode"]["compute"] == pytest.approx(
+        fp.terms["decode"]["compute"], rel=1e-9)  # the same rates: the same compute, the head included
+    with pytest.raises(HardwareError, match="no matmul rate for int8"):
+        predict(cpu_hardware(), model, WORK, Policy(**ram, compute="int8"))
 
 
 def test_more_sequences_than_a_block_take_more_blocks():

@@ -10,6 +10,7 @@ from runtime.cost_model import Workload, predict
 from runtime.hardware import HardwareSpec
 from runtime.policy import Policy, QuantConfig
 from runtime.policy_search import InfeasibleError, batch_candidates, search
+from runtime.weight_costs import int4_dense_rows
 from tests.runtime.cost_fixtures import GiB, cpu_hardware, hardware, opt
 
 WORK = Workload(prompt_len=128, gen_len=32, num_seqs=64)
@@ -110,6 +111,14 @@ def test_compression_is_chosen_only_when_offered():
     assert dataclasses.asdict(plan.policy)["weights"]["device"] == 1.0
 
 
+def test_an_int8_plan_offers_no_weight_compression():
+    hw = cpu_hardware(device_mem=4 * GiB, matmul={"float32": [[1, 20e9], [256, 200e9]],
+                                                  "int8": [[1, 40e9], [256, 2000e9]]})
+    plan = search(hw, opt("1.3b"), WORK, Policy(compute="int8"), compressions=[(QuantConfig(), None), (None, None)])
+    assert plan.policy.compute == "int8" and plan.policy.compress_weight is None
+    assert plan.prediction.memory["device"] <= 4 * GiB
+
+
 def test_a_scoring_plan_keeps_no_cache_on_disk():
     """WikiText's 2k-token windows in blocks of 32 on opt-1.3b: generating them needs a 13 GB KV cache, which an
     8 GiB machine puts on disk; scoring them keeps none, so the plan holds the weights and nothing goes to disk."""
@@ -123,7 +132,6 @@ def test_a_scoring_plan_keeps_no_cache_on_disk():
 
 
 def test_the_plan_carries_this_machines_int4_kernel_crossover():
-    from runtime.cost_model import int4_dense_rows
 
     hw = cpu_hardware(matmul={"float32": [[1, 20e9], [512, 400e9]], "int4": [[1, 100e9], [512, 100e9]]})
     plan = search(hw, opt("125m"), WORK, compressions=[(QuantConfig(bits=4, group_size=64), None)])

@@ -9,9 +9,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from runtime import Engine, Policy
-from runtime.cost_model import weight_bytes
 from runtime.policy import Placement
 from runtime.shapes import shapes
+from runtime.weight_costs import weight_bytes
 from tests import tiny_models
 from tests.runtime.cost_fixtures import cpu_hardware
 
@@ -22,6 +22,7 @@ POLICIES = {
     "4-bit": Policy(compress_weight={"bits": 4, "group_size": 16}, weight_format="checkpoint"),
     "on disk": Policy(weights=Placement(0, 0), weight_format="checkpoint"),
     "4-bit on disk": Policy(weights=Placement(0, 0), compress_weight={"bits": 4, "group_size": 16}),
+    "int8 on disk": Policy(weights=Placement(0, 0), compute="int8"),
 }
 
 
