@@ -30,6 +30,8 @@ def _policy(args: argparse.Namespace, prompt_lens: list[int] | None = None):
     if args.percent:
         wg, wc, cg, cc, hg, hc = (p / 100 for p in args.percent)
         fields.update(weights=Placement(wg, wc), cache=Placement(cg, cc), activations=Placement(hg, hc))
+    if args.compute == "any":
+        raise PolicyError("--compute any lets the `auto` policy choose: drop --policy / --percent, or name one")
     for flag, name in (("batch_size", "gpu_batch_size"), ("num_batches", "num_gpu_batches"), ("device", "device"),
                        ("overlap", "overlap"), ("cpu_attention", "cpu_attention"), ("compute", "compute")):
         if getattr(args, flag) is not None:
@@ -50,15 +52,19 @@ def _auto_policy(args: argparse.Namespace, prompt_lens: list[int]):
     quant = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size)) if v is not None}
     q = QuantConfig(**quant)
     base = Policy(**{name: getattr(args, flag) for flag, name in (
-        ("device", "device"), ("overlap", "overlap"), ("cpu_attention", "cpu_attention"), ("compute", "compute"))
+        ("device", "device"), ("overlap", "overlap"), ("cpu_attention", "cpu_attention"))
         if getattr(args, flag) is not None})
+    computes = ["exact", "int8"] if args.compute == "any" else [args.compute or "exact"]
+    if args.compute == "int8" and args.compress_weight:
+        Policy(compute="int8", compress_weight=q)  # raises the PolicyError that says they do not combine
     compress = [(q if args.compress_weight else None, q if args.compress_cache else None)]
     work = auto_policy.workload(max(prompt_lens), args.max_new_tokens, len(prompt_lens))
     plan = auto_policy.plan(args.model, work, base, plan_cli.limits(args), args.hardware, compress,
                             [args.batch_size] if args.batch_size else None,
-                            [args.num_batches] if args.num_batches else None, args.offload_dir)
+                            [args.num_batches] if args.num_batches else None, args.offload_dir, computes)
     p = plan.prediction
-    print(f"auto policy: {plan.policy.gpu_batch_size} x {plan.policy.num_gpu_batches}, weights "
+    print(f"auto policy: {plan.policy.gpu_batch_size} x {plan.policy.num_gpu_batches}, compute "
+          f"{plan.policy.compute}, weights "
           f"on disk {plan.policy.weights.disk:.0%}, cache on disk {plan.policy.cache.disk:.0%}; predicted "
           f"{p.throughput:.3g} tok/s, bottleneck {p.bottleneck}", file=sys.stderr)
     return plan.policy
@@ -184,9 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compress-cache", action="store_true", help="quantize the KV cache (group-wise, 4 bits)")
     g.add_argument("--bits", type=int, help="bits of --compress-weight/--compress-cache: 2, 3, 4 (default) or 8")
     g.add_argument("--group-size", type=int, help="values per quantization group (default 64)")
-    g.add_argument("--compute", choices=["exact", "int8"],
+    g.add_argument("--compute", choices=["exact", "int8", "any"],
                    help="int8: 8-bit weights (a scale per row) times 8-bit activations (a scale per token) in the "
-                        "CPU's int8 GEMM; faster, not exact (default: exact; not with --compress-weight)")
+                        "CPU's int8 GEMM; faster, not exact (default: exact; not with --compress-weight); any: the "
+                        "`auto` policy chooses")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
@@ -203,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stored dtype of the dequantized weights (float32 holds them exactly, at twice the size)")
     i.set_defaults(func=cmd_import_gguf)
 
-    b = sub.add_parser("bench", help="run a benchmark workload (W1a, W1b, W1L, W1c, W2, W2L, W3, W4, W5, W6, quality; "
-                                      "see the README)")
+    b = sub.add_parser("bench", help="run a benchmark workload (W1a, W1b, W1L, W1c, W2, W2L, W3, W4, W5, W6, quality, "
+                                      "kernels; see the README)")
     b.add_argument("name")
     b.add_argument("--out", default="results/bench", help="folder for the CSV and PNG")
     b.add_argument("--quick", action="store_true", help="tiny model, for a smoke test")

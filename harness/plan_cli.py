@@ -50,7 +50,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     work = auto_policy.workload(args.prompt_len, args.gen_len, args.num_seqs)
     from runtime.policy import Policy
 
-    plan = auto_policy.plan(args.model, work, Policy(compute=args.compute), limits=limits(args),
+    computes = ["exact", "int8"] if args.compute == "any" else [args.compute]
+    plan = auto_policy.plan(args.model, work, Policy(), limits=limits(args), computes=computes,
                             hardware=args.hardware,
                             compress=auto_policy.compressions(args.compress, args.bits, args.group_size),
                             batch_sizes=[args.batch_size] if args.batch_size else None,
@@ -87,8 +88,9 @@ def add_parsers(sub) -> None:
                    help="compression the search may use: none (default, exact), weight, cache, both, any")
     p.add_argument("--bits", type=int, help="bits of --compress (default 4)")
     p.add_argument("--group-size", type=int, help="group size of --compress (default 64)")
-    p.add_argument("--compute", choices=["exact", "int8"], default="exact",
-                   help="int8: plan int8 weights and activations (CPU; not with weight compression)")
+    p.add_argument("--compute", choices=["exact", "int8", "any"], default="exact",
+                   help="int8: plan int8 weights and activations (CPU; not with weight compression); any: let the "
+                        "search choose (int8 changes results: allow it only where that is acceptable)")
     p.add_argument("--batch-size", type=int, help="fix gpu_batch_size instead of searching it")
     p.add_argument("--num-batches", type=int, help="fix num_gpu_batches instead of searching it")
     add_planning_args(p)

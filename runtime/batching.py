@@ -25,15 +25,18 @@ def split(rows: Sequence[int], size: int) -> list[slice]:
     return [slice(i, min(i + size, len(rows))) for i in range(0, len(rows), size)]
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (B, T) left-padded with `pad_id`, and the validity mask (B, T) bool."""
+def pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device,
+        left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, T) padded with `pad_id` on the left (generation: every row's newest token in the last column)
+    or the right (scoring), and the validity mask (B, T) bool."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     valid = torch.zeros(len(seqs), T, dtype=torch.bool)
     for r, s in enumerate(seqs):
         if s:
-            ids[r, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
-            valid[r, T - len(s):] = True
+            cols = slice(T - len(s), T) if left else slice(0, len(s))
+            ids[r, cols] = torch.as_tensor(s, dtype=torch.long)
+            valid[r, cols] = True
     return ids.to(device), valid.to(device)
 
 

@@ -20,6 +20,7 @@ only on its shape and the config, never on its tier, so offloading does not chan
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -68,12 +69,13 @@ class Int4Weight:
 
     def blocks(self):
         """(first row, those rows of W dequantized into `scratch`, fp32 (r, K)): valid until the next is taken.
-        Blocks are whole 64-row tiles of the packing, the last one the tail of N % 64 rows."""
+        Blocks are whole tiles of the packing (`int4pack_layout`), the last one the tail of N % tile rows."""
         n, k = self.shape
-        tiles = max(1, self.scratch.numel() // (64 * k))
-        full = n - n % 64
-        for a in range(0, full, 64 * tiles):
-            r = min(64 * tiles, full - a)
+        tile = int4pack_layout()[0]
+        tiles = max(1, self.scratch.numel() // (tile * k))
+        full = n - n % tile
+        for a in range(0, full, tile * tiles):
+            r = min(tile * tiles, full - a)
             yield a, self._dequantize(a, r, self.scratch[:r * k].view(r, k))
         if full < n:
             yield full, self._dequantize(full, n - full, self.scratch[:(n - full) * k].view(n - full, k))
@@ -94,19 +96,39 @@ class Int4Weight:
 
 
 def unpack_int4pack(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """The 4-bit codes (r, K) uint8 of rows packed by `aten._convert_weight_to_int4pack_for_cpu` (r, K/2).
+    """The 4-bit codes (r, K) uint8 of rows packed by `aten._convert_weight_to_int4pack_for_cpu` (r, K/2), r a
+    whole number of tiles or the last rows of a matrix (the tail after its whole tiles)."""
+    tile, split = int4pack_layout()
+    return _unpack(packed, k, tile, split)
 
-    Its layout (torch 2.x, checked against the packer by the tests): tiles of 64 rows, each stored (K, 32) bytes
-    whose byte j at column k holds row j in its low nibble and row 32 + j in its high one; a last tile of T < 64
-    rows is stored (K, T/2), byte j holding rows 2j (low) and 2j + 1 (high)."""
+
+@functools.cache
+def int4pack_layout() -> tuple[int, bool]:
+    """(rows per tile, split) of the CPU int4 packing, which depends on the vector width torch was dispatched to:
+    tiles of 64 rows under AVX-512 and of 32 under AVX2, each stored (K, tile/2) bytes; `split`: byte j at column
+    k holds row j in its low nibble and row tile/2 + j in its high one, else rows 2j and 2j + 1 (as a last tile
+    of fewer rows always is). Found by packing a probe and keeping the candidate that unpacks it."""
+    probe = torch.randint(0, 16, (208, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 2)  # 208 rows: whole tiles and a tail
+    for tile in (64, 32):
+        for split in (True, False):
+            if torch.equal(_unpack(packed, 64, tile, split).int(), probe):
+                return tile, split
+    raise RuntimeError(f"torch {torch.__version__}'s int4 packing on this CPU is none of the known layouts: "
+                       "compress weights with a group size the kernel does not take, or another torch version")
+
+
+def _unpack(packed: torch.Tensor, k: int, tile: int, split: bool) -> torch.Tensor:
+    """`unpack_int4pack` under one candidate layout."""
     r = packed.shape[0]
-    full = r - r % 64
+    full = r - r % tile
     out = torch.empty(r, k, dtype=torch.uint8)
     if full:
-        b = packed[:full].reshape(full // 64, k, 32)
-        tiles = out[:full].view(full // 64, 2, 32, k)
-        tiles[:, 0] = (b & 15).transpose(1, 2)
-        tiles[:, 1] = (b >> 4).transpose(1, 2)
+        b = packed[:full].reshape(full // tile, k, tile // 2)
+        tiles = out[:full].view(full // tile, tile // 2, 2, k) if not split else \
+            out[:full].view(full // tile, 2, tile // 2, k).transpose(1, 2)  # (tiles, tile/2, nibble, K)
+        tiles[:, :, 0] = (b & 15).transpose(1, 2)
+        tiles[:, :, 1] = (b >> 4).transpose(1, 2)
     if full < r:
         b = packed[full:].reshape(k, (r - full) // 2)
         pairs = out[full:].view((r - full) // 2, 2, k)
@@ -122,9 +144,13 @@ class WeightCodec:
         self.config, self.device, self.dense_rows = config, device, dense_rows
 
     def identity(self) -> dict:
-        """What the stored bytes depend on besides the checkpoint (the offload folder's key): the config, and torch's
-        version, as the int4 kernel's packing may change with it."""
-        return {"compress": self.config.to_json(), "torch": torch.__version__}
+        """What the stored bytes depend on besides the checkpoint (the offload folder's key): the config, torch's
+        version and, on a CPU, the int4 packing's layout (`int4pack_layout`), as the kernel's packing may change
+        with either."""
+        ident = {"compress": self.config.to_json(), "torch": torch.__version__}
+        if self.device.type == "cpu":  # the packing's tiles follow the CPU's vector width
+            ident["int4pack"] = list(int4pack_layout())
+        return ident
 
     def uses_kernel(self, shape: tuple[int, ...]) -> bool:
         """Whether a weight of `shape` is stored in the fused CPU kernel's form."""

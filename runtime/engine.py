@@ -1,7 +1,8 @@
 """`Engine`: batch-level generation and scoring on a local checkpoint; token ids in, ids and floats out.
 
-Every call sorts its prompts by length into blocks (`plan_blocks`), left-pads each block, splits it
-into micro-batches and runs the block schedule (`run_layers`). Results come back in the caller's order.
+Every call sorts its prompts by length into blocks (`plan_blocks`), pads each block (generation on the left,
+scoring on the right: `runtime.scoring`), splits it into micro-batches and runs the block schedule
+(`run_layers`). Results come back in the caller's order.
 """
 
 from __future__ import annotations
@@ -29,10 +30,8 @@ from runtime.results import CallStats, GenerateResult, Generation, RollingResult
 from runtime.rotary import Rotary
 from runtime.sampling import Sampler, StopChecker, validate_sampling
 from runtime.schedule import BlockRunner
+from runtime.scoring import ScoringHead
 from runtime.weights import WeightStore
-
-# Logit elements materialized at once when scoring long continuations (256 MiB of fp32).
-_LOGIT_CHUNK = 64 * 2**20
 
 
 class Engine:
@@ -133,7 +132,7 @@ class Engine:
     def _run_block(self, seqs: list[Sequence[int]], max_new_tokens: int, choose, timer: _Timer,
                    all_prefill_logits: bool = False) -> None:
         """Prefill one block, then decode; `choose(step, logits (b, T, V))` gives the next tokens or None to stop."""
-        ids, valid = batching.left_pad(seqs, self.pad_id, self.device)  # (n, T)
+        ids, valid = batching.pad(seqs, self.pad_id, self.device)  # (n, T)
         n, T = ids.shape
         total = T + max_new_tokens
         mbs = batching.split(range(n), self.policy.gpu_batch_size)
@@ -231,15 +230,27 @@ class Engine:
         per_token: list[list[float]] = [[] for _ in inputs]
         greedy = [False] * len(inputs)
         head = ScoringHead(self.layers[-1], self.spec.vocab_size, continuations, per_token, greedy)
+        window = self.spec.sliding_window
         with torch.inference_mode():
             for block in batching.plan_blocks([len(s) for s in inputs], self.policy.block_size):
                 timer.start()
-                ids, valid = batching.left_pad([inputs[i] for i in block], self.pad_id, self.device)
-                pos = batching.positions(valid)
+                seqs = [inputs[i] for i in block]
                 mbs = batching.split(block, self.policy.gpu_batch_size)
-                window = self.spec.sliding_window
-                ctxs = [replace(self._context(pos[mb], batching.prefill_mask(valid[mb], window), 0), score=block[mb])
-                        for mb in mbs]
+                T = max(map(len, seqs))
+                if window is None or T <= window:
+                    # right-padded: plain causal attention, no mask (`runtime.scoring`); pads come after a row's
+                    # tokens, so no token sees them, and their positions run on past the row's end
+                    ids, _ = batching.pad(seqs, self.pad_id, self.device, left=False)
+                    pos = torch.arange(T, device=self.device).expand(len(block), T)
+                    masks = [None] * len(mbs)
+                    ends = [len(s) for s in seqs]
+                else:  # a sliding window needs its mask anyway
+                    ids, valid = batching.pad(seqs, self.pad_id, self.device)
+                    pos = batching.positions(valid)
+                    masks = [batching.prefill_mask(valid[mb], window) for mb in mbs]
+                    ends = [T] * len(seqs)
+                items = list(zip(block, ends))
+                ctxs = [replace(self._context(pos[mb], mask, 0), score=items[mb]) for mb, mask in zip(mbs, masks)]
                 self.runner.forward([ids[mb] for mb in mbs], ctxs, None, head=head)
                 timer.stop("prefill")
         return per_token, greedy
@@ -265,48 +276,6 @@ class Engine:
         peaks["disk"] = weights["disk"] + self.runner.scratch_peak
         return CallStats(timer.totals["prefill"], timer.totals["decode"], prompt_tokens, generated, peaks,
                          planned)
-
-
-class ScoringHead:
-    """The head layer of a scoring pass (`Engine.score`, `score_rolling`), run by the block schedule in the head's
-    place: each micro-batch's logits a chunk of positions at a time (the whole (b, T, V) of a long window would not
-    fit), reduced at once to the log-probs of each row's continuation and whether it is the greedy one."""
-
-    def __init__(self, head, vocab_size: int, continuations: list, per_token: list[list[float]],
-                 greedy: list[bool]) -> None:
-        self.head, self.vocab_size = head, vocab_size
-        self.continuations, self.per_token, self.greedy = continuations, per_token, greedy
-
-    def forward(self, w, h: torch.Tensor, ctx: StepContext, cache=None) -> torch.Tensor:
-        """h (b, T, hidden) of the items `ctx.score` -> nothing to carry on: (b, 0)."""
-        rows = ctx.score
-        T = h.shape[1]
-        c_max = max(len(self.continuations[i]) for i in rows)
-        chunk = max(1, _LOGIT_CHUNK // (len(rows) * self.vocab_size))
-        for start in range(T - c_max, T, chunk):
-            end = min(start + chunk, T)
-            step = StepContext(ctx.positions, None, 0, slice(start, end), ctx.dtype)
-            lp = torch.log_softmax(self.head.forward(w, h, step, None).float(), -1)  # (b, t, V)
-            self._collect(lp, start, T, rows)
-        return h.new_empty(h.shape[0], 0)
-
-    def _collect(self, lp: torch.Tensor, start: int, T: int, rows: list[int]) -> None:
-        """Pick each row's continuation log-probs from logits at input positions [start, start + t)."""
-        continuations, per_token, greedy = self.continuations, self.per_token, self.greedy
-        t = lp.shape[1]
-        best = lp.argmax(-1)  # (b, t)
-        for r, i in enumerate(rows):
-            cont = continuations[i]
-            first = T - len(cont)  # input position whose logits predict cont[0]
-            lo, hi = max(first, start), min(T, start + t)
-            if lo >= hi:
-                continue
-            targets = torch.as_tensor(cont[lo - first:hi - first], device=lp.device)
-            got = lp[r, lo - start:hi - start].gather(-1, targets[:, None])[:, 0]
-            if lo == first:
-                greedy[i] = True
-            per_token[i].extend(got.tolist())
-            greedy[i] = greedy[i] and bool((best[r, lo - start:hi - start] == targets).all())
 
 
 class _Timer:

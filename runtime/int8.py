@@ -1,7 +1,7 @@
 """`compute: int8` (`Policy.compute`): decoder matrices as 8-bit codes, multiplied by 8-bit activations.
 
-The CPUs these machines have (AVX-512 VNNI, AMX) multiply int8 by int8 into int32 several times faster than fp32
-by fp32, and torch exposes it as `torch._int_mm`. Measured here (2 threads, torch 2.13, GFLOP/s, fp32 `F.linear`
+CPUs with AVX-512 VNNI or AMX multiply int8 by int8 into int32 several times faster than fp32 by fp32, and torch
+exposes it as `torch._int_mm`. Measured on such a CPU (2 threads, torch 2.13, GFLOP/s, fp32 `F.linear`
 against `_int_mm` on the same shapes): SmolLM2-135M's fused q/k/v (576 -> 960) at m = 1 row 65 / 33, m = 8
 126 / 251, m = 64 328 / 2584, m = 256 401 / 3947, m = 2048 418 / 2197; a 2048 -> 8192 matrix at m = 1 28 / 56,
 m = 16 131 / 834, m = 256 371 / 2559. Decode also reads a quarter of fp32's weight bytes (half of fp16's).
@@ -12,12 +12,19 @@ row), and each step quantizes each token's activations the same way, so the prod
 activation rounding is what changes results (~1% relative per product); it depends only on the token's own
 values, so the batch a token is in, the schedule and the placement do not change them.
 
+Where torch's int8 GEMM has no fast kernel for the CPU (AVX2 without VNNI: measured 0.4 GOPS on an AMD EPYC, a
+reference loop, against ~140 GFLOP/s for fp32), `int_mm` computes the same int32 products exactly in the fp32 GEMM
+instead (`_int_mm_fp32`): results are identical on every CPU, only the speed differs, and the profiler's int8
+rates (which `auto` plans with) are those of whichever runs.
+
 Stored form, one flat uint8 buffer of `policy.int8_nbytes(shape)`: codes int8 (N, K) row-major, padded to 64
 bytes, then the N fp32 scales.
 """
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +53,7 @@ class Int8Weight:
         x2 = x.reshape(-1, k).float()  # (m, K)
         xq, sx = quantize_rows(x2)  # (m, K) int8, (m, 1) fp32
         # (K, N) as a transposed view of the row-major codes: the layout `_int_mm` runs fastest on here
-        acc = torch._int_mm(xq, self.codes.t())  # (m, N) int32, exact
+        acc = int_mm(xq, self.codes.t())  # (m, N) int32, exact
         out = acc.float().mul_(sx).mul_(self.scales)  # (m, N)
         if bias is not None:
             out += bias
@@ -55,6 +62,48 @@ class Int8Weight:
     def dequantize(self) -> torch.Tensor:
         """W as stored, fp32 (N, K)."""
         return self.codes.float() * self.scales[:, None]
+
+
+_EXACT_K = 1024
+"""K chunk of `_int_mm_fp32`: codes lie in [-127, 127], so any partial sum of 1024 products is an integer below
+127^2 * 1024 < 2^24, which fp32 holds exactly whatever the GEMM's order of additions."""
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (m, K) int8 @ b (K, N) int8 -> (m, N) int32, exact: torch's int8 GEMM where it is the faster here."""
+    return torch._int_mm(a, b) if _int_mm_is_fast() else _int_mm_fp32(a, b)
+
+
+def _int_mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`int_mm` through the fp32 GEMM, K in chunks of `_EXACT_K` (each chunk's sums exact), summed in int32."""
+    k = a.shape[1]
+    acc = None
+    for lo in range(0, k, _EXACT_K):
+        part = (a[:, lo:lo + _EXACT_K].float() @ b[lo:lo + _EXACT_K].float()).to(torch.int32)  # (m, N)
+        acc = part if acc is None else acc.add_(part)
+    return acc
+
+
+@functools.cache
+def _int_mm_is_fast() -> bool:
+    """Whether `torch._int_mm` beats `_int_mm_fp32` on this CPU, timed once on a (64, 1024) x (1024, 1024) product:
+    where either wins it wins ~10x (a reference loop against the fp32 GEMM, or VNNI against it), large enough a
+    margin that a busy machine's preemptions (several ms on an OpenMP barrier) do not flip the choice."""
+    a = torch.randint(-127, 128, (64, 1024), dtype=torch.int8)
+    b = torch.randint(-127, 128, (1024, 1024), dtype=torch.int8)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            fn(a, b)
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    try:
+        return best(torch._int_mm) < best(_int_mm_fp32)
+    except (RuntimeError, NotImplementedError):  # a torch build without the CPU kernel
+        return False
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

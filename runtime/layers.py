@@ -23,7 +23,8 @@ class StepContext:
     """What one forward pass of one micro-batch needs besides weights; built by the engine."""
 
     positions: torch.Tensor
-    """(B, T) long: position of each new token (left padding: pads get -1)."""
+    """(B, T) long: position of each new token (left padding: pads get -1; a scoring pass's right pads continue
+    their row's count)."""
     attn_mask: torch.Tensor | None
     """(B, 1, T, S) bool, True = may attend; None when no row is padded (then causal by shape)."""
     cache_start: int
@@ -35,7 +36,7 @@ class StepContext:
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None
     """Rotary models: (cos, sin), each (B, 1, T, head_dim) at `positions`, computed once per step for all layers."""
     score: object | None = None
-    """Scoring: which items' continuations this micro-batch's head scores (the engine's `ScoringHead` reads it)."""
+    """Scoring: per row, (item, end column) of the continuation its head scores (`runtime.scoring.ScoringHead`)."""
 
 
 class Layer(Protocol):

@@ -219,9 +219,10 @@ class Policy:
     scoring) dequantizes the weight a block of rows at a time into fp32 and runs the fp32 GEMM (exact fp32 compute on
     the stored 4-bit weights); fewer rows (decode) run the int4 kernel (bf16 activations, 1/8 of fp32's bytes)."""
     compute: str = "exact"
-    """`exact`, or `int8` (CPU, opt-in: it changes results): every decoder matrix is stored as 8-bit codes with a
-    scale per output row, and each step's activations are quantized to 8 bits per token before an int8 x int8 ->
-    int32 GEMM (`runtime.int8`; the embedding and a tied head stay exact). Not with `compress_weight`."""
+    """`exact`, or `int8` (CPU, opt-in: it changes results): every weight matrix (decoder matrices, projections, an
+    untied head) is stored as 8-bit codes with a scale per output row, and each step's activations are quantized to
+    8 bits per token before an int8 x int8 -> int32 GEMM (`runtime.int8`; the embedding tables and a head tied to
+    them stay as stored). Not with `compress_weight`."""
 
     def __post_init__(self) -> None:
         for name in ("gpu_batch_size", "num_gpu_batches", "int4_dense_rows"):

@@ -92,35 +92,36 @@ def search(hw: HardwareSpec, model: ModelSpec, work: Workload, base: Policy | No
            batch_sizes: list[int] | None = None, num_batches: list[int] | None = None,
            compressions: list[tuple[QuantConfig | None, QuantConfig | None]] | None = None,
            max_block: int = 4096,
-           weight_levels: Callable[[QuantConfig | None], list[float]] | None = None) -> Plan:
+           weight_levels: Callable[[QuantConfig | None, str], list[float]] | None = None,
+           computes: list[str] | None = None) -> Plan:
     """The policy with the highest predicted throughput. `base` gives the fields the search leaves alone
     (device, overlap, cpu_attention, ...; not `int4_dense_rows`, set from `hw`); `batch_sizes` / `num_batches`
     restrict the shapes (default: all up to `num_seqs`, or `max_block`); `compressions`: (weights, cache) configs
-    to try (default: none);
-    `weight_levels`: the weight fractions the runtime realises, per weight compression (default: any)."""
+    to try (default: the base's); `computes`: `Policy.compute` values to try (default: the base's; `int8` is
+    tried without weight compression, which it replaces);
+    `weight_levels`: the weight fractions the runtime realises, per weight compression and compute (default: any)."""
     base = base or Policy()
     base = replace(base, int4_dense_rows=int4_dense_rows(hw, model))  # this machine's kernel crossover
     limit = work.num_seqs or max_block
     sizes = batch_sizes or batch_candidates(limit)
     counts = num_batches or [k for k in batch_candidates(limit) if k & (k - 1) == 0]  # powers of 2
     compressions = compressions or [(base.compress_weight, base.compress_cache)]
-    if base.compute == "int8":  # its weights are int8 codes: no weight compression, no stored format to choose
-        compressions = list(dict.fromkeys((None, qc) for _, qc in compressions))
+    numerics = _numerics(computes or [base.compute], compressions)
     formats = [WeightFormat.COMPUTE]
-    if not hw.accelerator and model.torch_dtype != "float32" and base.compute == "exact":
+    if not hw.accelerator and model.torch_dtype != "float32":
         formats.append(WeightFormat.CHECKPOINT)  # fp16 in RAM, converted per layer: half the bytes
     lp = _LP()
     best: Prediction | None = None
     tried = 0
-    for qw, qc in compressions:
-        levels = weight_levels(qw) if weight_levels else None
-        for fmt in formats:
+    for compute, qw, qc in numerics:
+        levels = weight_levels(qw, compute) if weight_levels else None
+        for fmt in formats if compute == "exact" else formats[:1]:  # int8 codes have no stored format to choose
             for g in sizes:
                 for nb in counts:
                     if nb > 1 and g * nb > limit:  # a block beyond the sequences only pads (nb = 1 is kept)
                         break
                     shape = replace(base, gpu_batch_size=g, num_gpu_batches=nb, compress_weight=qw,
-                                    compress_cache=qc, weight_format=fmt)
+                                    compress_cache=qc, weight_format=fmt, compute=compute)
                     tried += 1
                     found = _best_for_shape(hw, model, work, shape, lp, levels)
                     if found is None:
@@ -129,8 +130,14 @@ def search(hw: HardwareSpec, model: ModelSpec, work: Workload, base: Policy | No
                         best = found
     if best is None:
         raise InfeasibleError(explain_infeasible(hw, model, work, replace(
-            base, gpu_batch_size=min(sizes), num_gpu_batches=min(counts)), compressions, formats))
+            base, gpu_batch_size=min(sizes), num_gpu_batches=min(counts)), numerics, formats))
     return Plan(best.policy, best, _binding(hw, best), tried, capacities(hw, usable=False))
+
+
+def _numerics(computes: list[str], compressions) -> list[tuple[str, QuantConfig | None, QuantConfig | None]]:
+    """(compute, weight compression, cache compression) to try: int8 compute stores its weights as int8 codes
+    itself, so it goes without weight compression."""
+    return list(dict.fromkeys((c, None if c == "int8" else qw, qc) for c in computes for qw, qc in compressions))
 
 
 def _best_for_shape(hw, model, work, shape: Policy, lp: _LP, levels: list[float] | None) -> Prediction | None:
@@ -264,7 +271,7 @@ def _rounded(x: dict[str, float], snap) -> dict[str, float]:
 
 
 def explain_infeasible(hw: HardwareSpec, model: ModelSpec, work: Workload, shape: Policy,
-                       compressions, formats) -> str:
+                       numerics, formats) -> str:
     """Why nothing fits at the smallest shape: the tier whose memory is furthest from enough, and how much
     of it would be enough with the other tiers as they are."""
     import cvxpy as cp
@@ -272,10 +279,10 @@ def explain_infeasible(hw: HardwareSpec, model: ModelSpec, work: Workload, shape
 
     caps = capacities(hw)
     need = {tier: math.inf for tier in TIERS}
-    for qw, qc in compressions:
-        for fmt in formats:
-            t = terms(hw, model, work, replace(shape, compress_weight=qw, compress_cache=qc, weight_format=fmt),
-                      assume_offload=True)
+    for compute, qw, qc in numerics:
+        for fmt in formats if compute == "exact" else formats[:1]:
+            t = terms(hw, model, work, replace(shape, compress_weight=qw, compress_cache=qc, weight_format=fmt,
+                                               compute=compute), assume_offload=True)
             for tier in TIERS:
                 x = cp.Variable(len(VARS), nonneg=True)
                 peak = cp.Variable()

@@ -60,14 +60,7 @@ def int4_rate(m: int, k: int = _GEMM_K, n: int = _GEMM_N) -> float | None:
     from runtime.compressed import WeightCodec
     from runtime.policy import QuantConfig
 
-    codec = WeightCodec(QuantConfig(bits=4, group_size=64), torch.device("cpu"))
-    try:
-        w = codec.decode(codec.encode(torch.randn(n, k)), (n, k))
-        x = torch.randn(m, k)
-        with torch.inference_mode():
-            return 2 * m * k * n / best_time(lambda: w.matmul(x))
-    except (RuntimeError, NotImplementedError):
-        return None
+    return _codec_rate(WeightCodec(QuantConfig(bits=4, group_size=64), torch.device("cpu")), m, k, n)
 
 
 def int8_rate(m: int, k: int = _GEMM_K, n: int = _GEMM_N) -> float | None:
@@ -75,7 +68,11 @@ def int8_rate(m: int, k: int = _GEMM_K, n: int = _GEMM_N) -> float | None:
     None where torch has no int8 GEMM for the CPU."""
     from runtime.int8 import Int8Codec
 
-    codec = Int8Codec(torch.device("cpu"))
+    return _codec_rate(Int8Codec(torch.device("cpu")), m, k, n)
+
+
+def _codec_rate(codec, m: int, k: int, n: int) -> float | None:
+    """FLOP/s of m rows times a random (n, k) weight in `codec`'s kernel form; None where torch lacks the kernel."""
     try:
         w = codec.decode(codec.encode(torch.randn(n, k)), (n, k))
         x = torch.randn(m, k)

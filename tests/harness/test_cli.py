@@ -126,5 +126,8 @@ def test_generate_with_compression_flags(tiny_opt, capsys):
     assert "bits must be 2, 3, 4 or 8" in capsys.readouterr().err
     assert main(base + ["--compute", "int8", "--policy", "{}"]) == 0
     assert json.loads(capsys.readouterr().out)["policy"]["compute"] == "int8"
-    assert main(base + ["--compute", "int8", "--compress-weight", "--policy", "{}"]) == 2
-    assert "does not combine with compress_weight" in capsys.readouterr().err
+    for policy in (["--policy", "{}"], ["--policy", "auto"]):
+        assert main(base + ["--compute", "int8", "--compress-weight", *policy]) == 2
+        assert "does not combine with compress_weight" in capsys.readouterr().err
+    assert main(base + ["--compute", "any", "--policy", "{}"]) == 2
+    assert "lets the `auto` policy choose" in capsys.readouterr().err

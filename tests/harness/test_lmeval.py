@@ -27,8 +27,9 @@ REF = REPO / "models" / "flexhelm-opt-ref"
 RTOL = 1e-3
 LIMIT = 8
 """Documents per task: LAMBADA passages, WikiText articles (2-9k tokens each, several 2048-token windows)."""
-DISK = {"weights": {"device": 0.0, "host": 0.3}, "gpu_batch_size": 4, "num_gpu_batches": 2}
-"""70% of the weights on disk, blocks of two micro-batches."""
+DISK = {"weights": {"device": 0.0, "host": 0.3}, "gpu_batch_size": 8}
+"""70% of the weights on disk, in the reference run's micro-batches of 8: a micro-batch's size can change a result's
+last bit (the GEMMs block by rows), its placement may not."""
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 from runtime import Engine, Policy
 from runtime.compressed import weight_codec
 from runtime.errors import PolicyError
-from runtime.int8 import Int8Codec, Int8Weight, quantize_rows
+from runtime.int8 import Int8Codec, Int8Weight, _int_mm_fp32, int_mm, quantize_rows
 from runtime.kernels import linear
 from runtime.policy import QuantConfig, int8_nbytes
 from tests.runtime.test_compression import FORCED
@@ -35,6 +35,21 @@ def test_int8_product_equals_its_emulation(m):
     exact = x @ w.t() + b
     assert ((got - exact).norm() / exact.norm()).item() < 2e-2
     assert torch.equal(linear(x.view(1, m, 200), kw, b).view(m, 96), got)  # leading dims are rows
+
+
+@pytest.mark.parametrize("k", [7, 1024, 2500])
+def test_int8_gemm_is_exact_on_either_kernel(k):
+    """torch's int8 GEMM and its fp32 stand-in (CPUs without a fast int8 kernel) give the exact integer product,
+    codes at the extremes included (the fp32 one sums K in chunks whose sums fp32 holds exactly)."""
+    g = torch.Generator().manual_seed(k)
+    a = torch.randint(-127, 128, (9, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-127, 128, (k, 33), generator=g, dtype=torch.int8)
+    a[0], b[:, 0] = 127, -127  # the largest sum a row can reach
+    exact = (a.long() @ b.long()).to(torch.int32)
+    assert torch.equal(_int_mm_fp32(a, b), exact)
+    assert torch.equal(_int_mm_fp32(a, b.t().contiguous().t()), exact)  # the codes' transposed view
+    assert torch.equal(int_mm(a, b), exact)
+    assert torch.equal(torch._int_mm(a, b), exact)
 
 
 def test_stored_form_round_trips_at_any_offset():

@@ -57,7 +57,7 @@ def test_weight_fractions_land_on_the_levels_the_runtime_realises():
     free = search(hw, model, work, Policy(device="cpu"))
     assert not any(abs(free.policy.weights.device - lv) < 1e-3 for lv in (0.0, 0.25, 0.5, 1.0))
     levels = [0.0, 0.25, 0.5, 1.0]
-    plan = search(hw, model, work, Policy(device="cpu"), weight_levels=lambda q: levels)
+    plan = search(hw, model, work, Policy(device="cpu"), weight_levels=lambda q, compute: levels)
     assert plan.policy.weights.device in levels and all(plan.prediction.fits(hw).values())
     assert plan.prediction.throughput <= free.prediction.throughput * (1 + 1e-6)  # fewer choices, no better
 
@@ -117,6 +117,10 @@ def test_an_int8_plan_offers_no_weight_compression():
     plan = search(hw, opt("1.3b"), WORK, Policy(compute="int8"), compressions=[(QuantConfig(), None), (None, None)])
     assert plan.policy.compute == "int8" and plan.policy.compress_weight is None
     assert plan.prediction.memory["device"] <= 4 * GiB
+    # allowed both, the search takes int8 where its rate wins; exact where the profile says int8 is slower
+    assert search(hw, opt("1.3b"), WORK, computes=["exact", "int8"]).policy.compute == "int8"
+    slow = cpu_hardware(device_mem=4 * GiB, matmul={**hw.matmul, "int8": [[1, 2e9], [256, 20e9]]})
+    assert search(slow, opt("1.3b"), WORK, computes=["exact", "int8"]).policy.compute == "exact"
 
 
 def test_a_scoring_plan_keeps_no_cache_on_disk():
