@@ -23,13 +23,7 @@ def test_cuda_fp16_matches_hf_fp32(tiny_opt, tmp_path, placement, cpu_attention)
     engine = Engine(path, Policy(device="cuda", gpu_batch_size=2, cpu_attention=cpu_attention, **placement),
                     offload_dir=tmp_path)
     assert engine.dtype == torch.float16
-    trace = engine.trace_logits(PROMPTS, [[40, 41]] * len(PROMPTS))
-    T = max(map(len, PROMPTS))
-    for r, p in enumerate(PROMPTS):
-        with torch.no_grad():
-            ref = model(torch.tensor([p + [40, 41]])).logits[0]
-        torch.testing.assert_close(trace[0][r, T - len(p):].cpu(), ref[: len(p)], atol=2e-2, rtol=0)
-        torch.testing.assert_close(trace[2][r, 0].cpu(), ref[len(p) + 1], atol=2e-2, rtol=0)
+    _check_against_hf(engine, model)
     stats = engine.generate(PROMPTS, 4).stats
     assert stats.peak_memory["device"] > 0
 
@@ -43,6 +37,11 @@ def test_cuda_llama_gqa_matches_hf_fp32(tiny_llama, tmp_path, placement, cpu_att
     path, model = tiny_llama("llama-gqa", "safetensors", torch.float16)
     engine = Engine(path, Policy(device="cuda", gpu_batch_size=2, cpu_attention=cpu_attention, **placement),
                     offload_dir=tmp_path)
+    _check_against_hf(engine, model)
+
+
+def _check_against_hf(engine, model) -> None:
+    """Teacher-forced logits of PROMPTS + [40, 41], prefill and second step, against HF's fp32 model."""
     trace = engine.trace_logits(PROMPTS, [[40, 41]] * len(PROMPTS))
     T = max(map(len, PROMPTS))
     for r, p in enumerate(PROMPTS):
