@@ -295,8 +295,9 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
     for phase in PHASES:
         rows = g * s if phase == "prefill" else g
         working = cdt_bytes * rows * working_width(model)
-        if phase == "prefill":  # the block's (B, 1, s, s) boolean masks; SDPA tiles the scores, never all at once
-            working += B * s * s
+        if phase == "prefill":  # SDPA tiles the scores, never all at once
+            if not work.scoring or model.sliding_window is not None:  # scoring is right-padded: no mask
+                working += B * s * s  # the block's (B, 1, s, s) boolean masks
         else:  # a micro-batch's scores over its keys
             working += cdt_bytes * g * nh * (s + n)
         working += 2 * B * V * 4  # fp32 logits of the block's last positions and the sampler's copy
