@@ -54,14 +54,14 @@ def _auto_policy(args: argparse.Namespace, prompt_lens: list[int]):
     base = Policy(**{name: getattr(args, flag) for flag, name in (
         ("device", "device"), ("overlap", "overlap"), ("cpu_attention", "cpu_attention"))
         if getattr(args, flag) is not None})
-    computes = ["exact", "int8"] if args.compute == "any" else [args.compute or "exact"]
     if args.compute == "int8" and args.compress_weight:
         Policy(compute="int8", compress_weight=q)  # raises the PolicyError that says they do not combine
     compress = [(q if args.compress_weight else None, q if args.compress_cache else None)]
     work = auto_policy.workload(max(prompt_lens), args.max_new_tokens, len(prompt_lens))
     plan = auto_policy.plan(args.model, work, base, plan_cli.limits(args), args.hardware, compress,
                             [args.batch_size] if args.batch_size else None,
-                            [args.num_batches] if args.num_batches else None, args.offload_dir, computes)
+                            [args.num_batches] if args.num_batches else None, args.offload_dir,
+                            auto_policy.computes(args.compute))
     p = plan.prediction
     print(f"auto policy: {plan.policy.gpu_batch_size} x {plan.policy.num_gpu_batches}, compute "
           f"{plan.policy.compute}, weights "

@@ -50,9 +50,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     work = auto_policy.workload(args.prompt_len, args.gen_len, args.num_seqs)
     from runtime.policy import Policy
 
-    computes = ["exact", "int8"] if args.compute == "any" else [args.compute]
-    plan = auto_policy.plan(args.model, work, Policy(), limits=limits(args), computes=computes,
-                            hardware=args.hardware,
+    plan = auto_policy.plan(args.model, work, Policy(), limits=limits(args), hardware=args.hardware,
+                            computes=auto_policy.computes(args.compute),
                             compress=auto_policy.compressions(args.compress, args.bits, args.group_size),
                             batch_sizes=[args.batch_size] if args.batch_size else None,
                             num_batches=[args.num_batches] if args.num_batches else None)

@@ -24,7 +24,6 @@ bytes, then the N fp32 scales.
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 
 import torch
@@ -89,16 +88,13 @@ def _int_mm_is_fast() -> bool:
     """Whether `torch._int_mm` beats `_int_mm_fp32` on this CPU, timed once on a (64, 1024) x (1024, 1024) product:
     where either wins it wins ~10x (a reference loop against the fp32 GEMM, or VNNI against it), large enough a
     margin that a busy machine's preemptions (several ms on an OpenMP barrier) do not flip the choice."""
+    from runtime.profiler import best_time
+
     a = torch.randint(-127, 128, (64, 1024), dtype=torch.int8)
     b = torch.randint(-127, 128, (1024, 1024), dtype=torch.int8)
 
-    def best(fn) -> float:
-        times = []
-        for _ in range(2):
-            t = time.perf_counter()
-            fn(a, b)
-            times.append(time.perf_counter() - t)
-        return min(times)
+    def best(fn) -> float:  # no warm-up call: the slow loop would cost another ~0.3 s
+        return best_time(lambda: fn(a, b), reps=2, warm_up=False)
 
     try:
         return best(torch._int_mm) < best(_int_mm_fp32)

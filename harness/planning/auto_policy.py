@@ -79,6 +79,11 @@ def compressions(choice: str, bits: int | None = None, group_size: int | None = 
     return table[choice]
 
 
+def computes(choice: str | None) -> list[str]:
+    """`Policy.compute` values the search may use for `--compute CHOICE` (`any`: both; none given: exact)."""
+    return ["exact", "int8"] if choice == "any" else [choice or "exact"]
+
+
 def load_hardware(spec: str | None = None, offload_dir: str | None = None, log=None):
     """The HardwareSpec to plan with (see the module docstring for the order)."""
     from runtime.hardware import HardwareSpec, cached_path
