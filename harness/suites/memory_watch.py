@@ -52,16 +52,23 @@ class MemoryWatch:
         self._thread = threading.Thread(target=self._loop, name="flexhelm-memory", daemon=True)
 
     def __enter__(self) -> MemoryWatch:
-        self.sample()
-        self._write("running")
-        self._thread.start()
+        try:
+            self.sample()
+            self._write("running")
+            self._thread.start()
+        except BaseException:  # SIGTERM's KeyboardInterrupt lands anywhere: `running` must not outlive us
+            self._write("ended")
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-        self._write("ended")
+        try:
+            self._stop.set()
+            if self._thread.is_alive():
+                self._thread.join()
+            self.sample()
+        finally:  # an orderly end, even when a signal interrupts the join
+            self._write("ended")
 
     def sample(self) -> None:
         rss = rss_bytes()

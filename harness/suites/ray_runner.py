@@ -148,6 +148,9 @@ class RayRunner:
 
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
             tracker = ray.remote(num_cpus=0, scheduling_strategy=here)(_Tracker).remote()  # lives as long as we do
+            # Wait until it is up: a task's `started` call to an actor still being created waits in the task's
+            # worker, and is lost with it if that worker dies first (the retry would then count as attempt 1).
+            ray.get(tracker.state.remote())
             task = ray.remote(run_on_node)
             nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
             for run, lock in todo:

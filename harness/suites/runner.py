@@ -214,7 +214,7 @@ class SuiteRunner:
         resolved = run_policy(run, run_dir, [s.request for s in states], self.ram_limit)
 
         # Execute in batches on the runtime (batches finished before a crash come from the request cache)
-        job = ExecutionJob(run.model.path, resolved.policy, run.batch_size, model_identity(run.model.path))
+        job = ExecutionJob(run.model.path, resolved.policy, model_identity(run.model.path))
         cache = RequestCache(run_dir / "requests.jsonl")
         progress.start_run(run.id, len(states), eval_instances)
         with memory_watch.MemoryWatch(run_dir):

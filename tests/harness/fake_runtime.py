@@ -151,7 +151,8 @@ def same_as(clean_dir, other_dir) -> None:
     """Every run folder of `clean_dir` has the same `SAME_FILES` in `other_dir`."""
     for run_dir in sorted(clean_dir.glob("tiny--*")):
         for name in SAME_FILES:
-            assert (other_dir / run_dir.name / name).read_text() == (run_dir / name).read_text(), run_dir.name
+            ours, clean = (other_dir / run_dir.name / name).read_text(), (run_dir / name).read_text()
+            assert ours == clean, f"{run_dir.name}/{name}"
 
 
 def duplicate_keys(suite_dir) -> list[str]:

@@ -26,9 +26,22 @@ SUMMARY = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(SUMMARY))
-def test_quick_runs_and_prints_summary(name, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("FLEXHELM_CACHE", str(tmp_path / "cache"))
+@pytest.fixture(scope="module")
+def bench_cache(tmp_path_factory):
+    """One `$FLEXHELM_CACHE` for this module: the machine's hardware profile (20-40 s to measure) and the tiny
+    bench models are built by the first test that needs them and reused by the others, as on a user's machine."""
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+# The quick runs CI keeps (the fast suite must finish well inside CI's 20 minutes on 2 cores): each code path of
+# the benchmarks (all in RAM, disk offload, 4-bit, the kernels, W4's planner sweep through its W2 setup below).
+# The others repeat those paths with more baselines and take 15-60 s each: `pytest -m slow` runs them.
+SLOW = {"W1L", "W1c", "W2L", "W4", "W5", "W6", "quality"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(SUMMARY)])
+def test_quick_runs_and_prints_summary(name, tmp_path, monkeypatch, capsys, bench_cache):
+    monkeypatch.setenv("FLEXHELM_CACHE", str(bench_cache))
     summary = run(name, out_dir=tmp_path / "out", quick=True)
     assert re.fullmatch(SUMMARY[name], summary)
     out = capsys.readouterr().out
@@ -38,7 +51,7 @@ def test_quick_runs_and_prints_summary(name, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "out" / f"{name}.csv").is_file()
     if name not in ("quality", "W6", "kernels"):  # the shipped reference model, or no model at all
         tiny = "llama-tiny" if name.endswith("L") else "opt-tiny"  # a tiny model of the workload's family
-        assert (tmp_path / "cache" / "bench-models" / tiny / "config.json").is_file()
+        assert (bench_cache / "bench-models" / tiny / "config.json").is_file()
 
 
 def test_unknown_workload_lists_known_names():
@@ -61,9 +74,9 @@ def test_the_cli_names_every_workload_without_importing_the_benchmarks(capsys):
     assert main(["bench", "W4", "--setup", "W3"]) == 2 and "W4's setups are W1c, W2" in capsys.readouterr().err
 
 
-def test_w4_measures_one_setup_alone(tmp_path, monkeypatch, capsys):
+def test_w4_measures_one_setup_alone(tmp_path, monkeypatch, capsys, bench_cache):
     """`flexhelm bench W4 --setup W2`: one half of W4 (each takes 40-50 minutes on 2 cores), its own CSV."""
-    monkeypatch.setenv("FLEXHELM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FLEXHELM_CACHE", str(bench_cache))
     summary = run("W4", out_dir=tmp_path / "out", quick=True, setups=("W2",))
     assert re.fullmatch(r"W4-W2 auto/best=(\d+\.\d\d|n/a) median_abs_pred_err=\d+\.\d\d", summary)
     out = capsys.readouterr().out

