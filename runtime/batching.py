@@ -1,12 +1,15 @@
-"""Length bucketing, left padding, positions and attention masks.
+"""Length bucketing, left padding, shared prefixes, positions and attention masks.
 
 Prompts are sorted by length and cut into blocks, so each block pads only to its own longest prompt.
 Left padding keeps every row's newest token in the last column, which lets a whole block decode with
-one cache index. Pads are masked out of attention, so results never depend on padding.
+one cache index. Pads are masked out of attention, so results never depend on padding. A prefix that
+every row of a block shares (a few-shot prompt's examples) stays in the first columns, the pads go
+after it, so the engine can compute its keys and values once for the whole block.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -25,18 +28,31 @@ def split(rows: Sequence[int], size: int) -> list[slice]:
     return [slice(i, min(i + size, len(rows))) for i in range(0, len(rows), size)]
 
 
+def shared_prefix(seqs: Sequence[Sequence[int]], least: int) -> int:
+    """Tokens every row starts with, leaving each row at least one of its own; 0 for one row or under `least`."""
+    if len(seqs) < 2:
+        return 0
+    # lists compare element-wise, so the common prefix of all is that of the smallest and the largest
+    n = min(len(os.path.commonprefix([list(s) for s in seqs])), min(map(len, seqs)) - 1)
+    return n if n >= least else 0
+
+
 def pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device,
-        left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        left: bool = True, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (B, T) padded with `pad_id` on the left (generation: every row's newest token in the last column)
-    or the right (scoring), and the validity mask (B, T) bool."""
+    or the right (scoring), and the validity mask (B, T) bool. With `prefix` (left only), each row's first
+    `prefix` tokens (the same in every row) fill columns [0, prefix) and the pads sit between them and the rest."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     valid = torch.zeros(len(seqs), T, dtype=torch.bool)
     for r, s in enumerate(seqs):
         if s:
-            cols = slice(T - len(s), T) if left else slice(0, len(s))
-            ids[r, cols] = torch.as_tensor(s, dtype=torch.long)
+            cols = slice(T - len(s) + prefix, T) if left else slice(0, len(s))
+            ids[r, cols] = torch.as_tensor(s[prefix:] if left else s, dtype=torch.long)
             valid[r, cols] = True
+    if prefix:
+        ids[:, :prefix] = torch.as_tensor(seqs[0][:prefix], dtype=torch.long)
+        valid[:, :prefix] = True
     return ids.to(device), valid.to(device)
 
 
@@ -45,13 +61,15 @@ def positions(valid: torch.Tensor) -> torch.Tensor:
     return (valid.long().cumsum(-1) * valid.long() - 1).long()
 
 
-def prefill_mask(valid: torch.Tensor, window: int | None = None) -> torch.Tensor | None:
+def prefill_mask(valid: torch.Tensor, window: int | None = None, explicit: bool = False) -> torch.Tensor | None:
     """(B, 1, T, T) causal mask that hides pads and, with a sliding `window`, keys `window` or more positions
-    behind the query (HF: key j visible from query i when i - window < j <= i); None when it would be plain causal.
-    Left padding keeps each row's tokens in consecutive columns, so column distance is position distance."""
+    behind the query (HF: key j visible from query i when i - window < j <= i); None when it would be plain causal,
+    unless `explicit` (a step whose queries are only the last rows). Left padding keeps each row's tokens in
+    consecutive columns, so column distance is position distance (a shared prefix's pads break that: the engine
+    shares no prefix under a window)."""
     T = valid.shape[1]
     windowed = window is not None and T > window
-    if bool(valid.all()) and not windowed:
+    if bool(valid.all()) and not windowed and not explicit:
         return None
     causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
     if windowed:

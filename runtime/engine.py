@@ -33,6 +33,10 @@ from runtime.schedule import BlockRunner
 from runtime.scoring import ScoringHead
 from runtime.weights import WeightStore
 
+SHARED_PREFIX_MIN = 16
+"""Fewest tokens a block's prompts must share before their keys and values are computed once for all rows (fewer
+saves less than the extra step costs)."""
+
 
 class Engine:
     """A loaded model plus its policy. Construct once, call many times."""
@@ -132,7 +136,11 @@ class Engine:
     def _run_block(self, seqs: list[Sequence[int]], max_new_tokens: int, choose, timer: _Timer,
                    all_prefill_logits: bool = False) -> None:
         """Prefill one block, then decode; `choose(step, logits (b, T, V))` gives the next tokens or None to stop."""
-        ids, valid = batching.pad(seqs, self.pad_id, self.device)  # (n, T)
+        window = self.spec.sliding_window
+        # a shared prefix's pads sit mid-row, where a sliding window's column distances would be wrong
+        share = not all_prefill_logits and (window is None or max(map(len, seqs)) + max_new_tokens <= window)
+        shared = batching.shared_prefix(seqs, SHARED_PREFIX_MIN) if share else 0
+        ids, valid = batching.pad(seqs, self.pad_id, self.device, prefix=shared)  # (n, T)
         n, T = ids.shape
         total = T + max_new_tokens
         mbs = batching.split(range(n), self.policy.gpu_batch_size)
@@ -141,20 +149,33 @@ class Engine:
         caches = self.runner.new_caches([mb.stop - mb.start for mb in mbs], total)
         try:
             self._prefill_and_decode(ids, valid, full_valid, mbs, caches, max_new_tokens, choose, timer,
-                                     all_prefill_logits)
+                                     all_prefill_logits, shared)
         finally:
             self.runner.close_caches(caches)
+        timer.shared += shared * (n - 1)
 
     def _prefill_and_decode(self, ids, valid, full_valid, mbs, caches, max_new_tokens, choose, timer,
-                            all_prefill_logits) -> None:
+                            all_prefill_logits, shared) -> None:
         T = ids.shape[1]
         with torch.inference_mode():
             timer.start()
             pos = batching.positions(valid)
             window = self.spec.sliding_window
-            ctxs = [self._context(pos[mb], batching.prefill_mask(valid[mb], window), 0,
-                                  None if all_prefill_logits else slice(T - 1, T)) for mb in mbs]
-            logits = _cat(self.runner.forward([ids[mb] for mb in mbs], ctxs, caches))
+            xs, ctxs = [], []
+            if shared:
+                # the shared prefix once per micro-batch, as a (1, shared) row: in the same pass over the layers, its
+                # keys and values go into every row's cache before the rows' own tokens (below) attend to them
+                first = [slice(mb.start, mb.start + 1) for mb in mbs]
+                xs = [ids[r, :shared] for r in first]
+                ctxs = [self._context(pos[r, :shared], None, 0, slice(shared - 1, shared)) for r in first]
+            own = slice(shared, T)
+            masks = [batching.prefill_mask(valid[mb], window, explicit=shared > 0) for mb in mbs]  # (b, 1, T, T)
+            xs += [ids[mb, own] for mb in mbs]
+            ctxs += [self._context(pos[mb, own], None if m is None else m[:, :, own], shared,
+                                   None if all_prefill_logits else slice(T - shared - 1, T - shared))
+                     for mb, m in zip(mbs, masks)]
+            outs = self.runner.forward(xs, ctxs, caches * (2 if shared else 1))
+            logits = _cat(outs[len(outs) - len(mbs):])
             next_ids = choose(0, logits)
             timer.stop("prefill")
             last_pos = pos[:, -1]  # (n,)
@@ -275,7 +296,7 @@ class Engine:
         # (KV cache, activations) have occupied, counted while they existed
         peaks["disk"] = weights["disk"] + self.runner.scratch_peak
         return CallStats(timer.totals["prefill"], timer.totals["decode"], prompt_tokens, generated, peaks,
-                         planned)
+                         planned, timer.shared)
 
 
 class _Timer:
@@ -284,6 +305,7 @@ class _Timer:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.totals = {"prefill": 0.0, "decode": 0.0}
+        self.shared = 0  # prompt tokens not computed per row: a block's shared prefix times its other rows
         self._t0 = 0.0
 
     def start(self) -> None:

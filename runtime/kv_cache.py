@@ -1,7 +1,8 @@
 """KV cache slots, one per (decoder layer, micro-batch), on the device, in host RAM or on disk.
 
 Every slot has `attend(q, k, v, ctx)`: append this step's keys/values at `ctx.cache_start` and attend
-over everything cached. Memory slots hold (B, kvH, S_max, D) tensors. Disk slots hold a file laid out
+over everything cached. A step of one row on a slot of B rows is a block's shared prefix: its keys and values
+go into every row. Memory slots hold (B, kvH, S_max, D) tensors. Disk slots hold a file laid out
 sequence-major, (S_max, B, kvH, D) for keys then values, so appending a step and loading a prefix are
 each one contiguous transfer; they load into one of two alternating staging buffers (the next
 micro-batch's cache loads while this one computes) and write new rows back in the background.
@@ -34,11 +35,11 @@ class KVSlot:
         self.cpu_attention = cpu_attention and k.device != compute_device
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """q (B, H, T, D), k/v (B, kvH, T, D) of this step -> attention output (B, H, T, D)."""
-        end = ctx.cache_start + k.shape[2]
+        """q (b, H, T, D), k/v (b, kvH, T, D) of this step, b = B or 1 (written to every row) -> (b, H, T, D)."""
+        end, b = ctx.cache_start + k.shape[2], q.shape[0]
         self.k[:, :, ctx.cache_start:end] = _encode(self.codec, k)
         self.v[:, :, ctx.cache_start:end] = _encode(self.codec, v)
-        keys, values = _decode(self.codec, self.k[:, :, :end], q), _decode(self.codec, self.v[:, :, :end], q)
+        keys, values = _decode(self.codec, self.k[:b, :, :end], q), _decode(self.codec, self.v[:b, :, :end], q)
         return _attend_at(q, keys, values, ctx, self.compute_device, self.cpu_attention)
 
     def prefetch(self, start: int) -> None:
@@ -66,6 +67,7 @@ class DiskKVSlot:
         self.path, self.io, self.ring, self.dtype, self.codec = path, io, ring, dtype, codec
         self.compute_device, self.cpu_attention = compute_device, cpu_attention
         self._loaded: tuple[int, torch.Tensor, Pending] | None = None  # (rows, staging, pending read)
+        self._writes: list[Pending] = []  # the last step's writes: a load of the same rows waits for them
 
     def _region(self, which: int, start: int, end: int) -> Region:
         plane = self.rows[0] * self.row_bytes
@@ -76,6 +78,8 @@ class DiskKVSlot:
         if self._loaded is not None and self._loaded[0] == start:
             return
         buf = self.ring.acquire((2, *self.rows), self.dtype)  # (2, S, B, kvH, D); waits for its earlier writes
+        for w in self._writes:  # a shared prefix's rows, written by the step just before this one
+            w.wait()
         reads = [self.io.read([self._region(i, 0, start)], buf[i, :start]) for i in (0, 1)] if start else []
         self._loaded = (start, buf, Pending([f for r in reads for f in r.futures]))
 
@@ -87,10 +91,11 @@ class DiskKVSlot:
         pending.wait()
         buf[0, start:end] = _encode(self.codec, k).permute(2, 0, 1, 3)  # (T, B, kvH, D)
         buf[1, start:end] = _encode(self.codec, v).permute(2, 0, 1, 3)
-        writes = [self.io.write(self._region(i, start, end), buf[i, start:end]) for i in (0, 1)]
-        self.ring.release(buf, writes)
-        keys = _decode(self.codec, buf[0, :end].permute(1, 2, 0, 3), q)  # (B, kvH, end, D)
-        values = _decode(self.codec, buf[1, :end].permute(1, 2, 0, 3), q)
+        self._writes = [self.io.write(self._region(i, start, end), buf[i, start:end]) for i in (0, 1)]
+        self.ring.release(buf, self._writes)
+        b = q.shape[0]  # 1: a shared prefix, broadcast into every row above
+        keys = _decode(self.codec, buf[0, :end, :b].permute(1, 2, 0, 3), q)  # (b, kvH, end, D)
+        values = _decode(self.codec, buf[1, :end, :b].permute(1, 2, 0, 3), q)
         return _attend_at(q, keys, values, ctx, self.compute_device, self.cpu_attention)
 
     @property

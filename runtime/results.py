@@ -22,6 +22,9 @@ class CallStats:
     on disk plus the blocks the KV cache and activation scratch files occupied, measured while they existed)."""
     planned_memory: dict[str, int] = field(default_factory=dict)
     """Bytes the policy placed on each tier: weights plus the largest KV cache (on a CPU host, device = RAM)."""
+    shared_prefix_tokens: int = 0
+    """Prompt tokens computed once for a whole block instead of once per row: each block's shared prefix (a
+    few-shot prompt's examples) times its rows but one. Counted in `prompt_tokens` all the same."""
 
     @property
     def throughput(self) -> float:
@@ -32,7 +35,8 @@ class CallStats:
     def to_json(self) -> dict:
         return {"prefill_s": self.prefill_s, "decode_s": self.decode_s, "prompt_tokens": self.prompt_tokens,
                 "generated_tokens": self.generated_tokens, "throughput_tok_s": self.throughput,
-                "peak_memory": dict(self.peak_memory), "planned_memory": dict(self.planned_memory)}
+                "peak_memory": dict(self.peak_memory), "planned_memory": dict(self.planned_memory),
+                "shared_prefix_tokens": self.shared_prefix_tokens}
 
 
 @dataclass(frozen=True)

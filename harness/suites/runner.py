@@ -311,8 +311,8 @@ class SuiteRunner:
 
 def runtime_summary(calls: list[dict], num_requests: int, num_instances: int) -> dict:
     """Totals over a run's engine calls (`harness.helm.backend.EngineCall.to_json`)."""
-    total = {k: sum(c[k] for c in calls) for k in ("wall_s", "prefill_s", "decode_s", "prompt_tokens",
-                                                    "generated_tokens")}
+    total = {k: sum(c.get(k, 0) for c in calls) for k in ("wall_s", "prefill_s", "decode_s", "prompt_tokens",
+                                                           "generated_tokens", "shared_prefix_tokens")}
     engine_s = total["prefill_s"] + total["decode_s"]
     peak: dict[str, int] = {}
     for c in calls:

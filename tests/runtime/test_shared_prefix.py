@@ -1,0 +1,93 @@
+"""A block's shared prompt prefix (a few-shot prompt's examples) is computed once and its keys and values go into
+every row's cache: generation equals HF's per prompt and the same prompts run one per block (nothing shared), under
+every placement and with 4-bit weights and cache; a sliding window turns sharing off.
+
+Tolerance: 1e-4 max abs on log-probs against HF (as `test_llama.py`), 1e-5 against the engine's own unshared run
+(the prefix's matmuls run on 1 row instead of the block's rows: another summation order, ~1e-7 seen).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from runtime import Engine, Policy, batching
+from runtime.engine import SHARED_PREFIX_MIN
+from runtime.policy import Placement, QuantConfig
+from tests.runtime.test_llama import _reset_rotary
+
+PREFIX = [7 + (i * 13) % 250 for i in range(SHARED_PREFIX_MIN + 4)]
+SUFFIXES = [[20, 21, 22], [30], [40, 41, 42, 43, 44, 45], [50, 51], [60, 61, 62, 63], [70, 71, 72]]
+PROMPTS = [PREFIX + s for s in SUFFIXES]
+NEW = 5
+Q4 = QuantConfig(bits=4, group_size=16)
+POLICIES = {
+    "in memory, 2 micro-batches": Policy(gpu_batch_size=3, num_gpu_batches=2),
+    "all on disk": Policy(gpu_batch_size=2, num_gpu_batches=3, weights=Placement(0, 0), cache=Placement(0, 0),
+                          activations=Placement(0, 0)),
+    "split, sequential": Policy(gpu_batch_size=3, num_gpu_batches=2, weights=Placement(0.4, 0.3),
+                                cache=Placement(0.5, 0.2), activations=Placement(0.5, 0), overlap=False),
+    "4-bit weights and cache, cache on disk": Policy(gpu_batch_size=3, num_gpu_batches=2, cache=Placement(0, 0),
+                                                     compress_weight=Q4, compress_cache=Q4),
+}
+
+
+def _unshared(policy: Policy) -> Policy:
+    """The same policy with blocks of one prompt: nothing to share."""
+    return dataclasses.replace(policy, gpu_batch_size=1, num_gpu_batches=1)
+
+
+@pytest.mark.parametrize("model", ["opt", "llama-gqa", "llama-mqa-tied-headdim", "qwen2-bias"])
+def test_a_shared_prefix_generates_as_hf(tiny_opt, tiny_llama, model):
+    path, hf = tiny_opt() if model == "opt" else tiny_llama(model)
+    result = Engine(path, Policy(gpu_batch_size=len(PROMPTS))).generate(PROMPTS, NEW, stop_at_eos=False)
+    assert result.stats.shared_prefix_tokens == len(PREFIX) * (len(PROMPTS) - 1)
+    for p, g in zip(PROMPTS, result.generations):
+        if model != "opt":
+            _reset_rotary(hf)
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                              pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        assert g.output_ids == out.sequences[0, len(p):].tolist()
+        want = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.logits, g.output_ids)]  # raw logits
+        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(want), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_sharing_changes_no_result_under_any_placement(tiny_llama, tmp_path, name):
+    path, _ = tiny_llama("llama-gqa")
+    policy = POLICIES[name]
+    alone = Engine(path, _unshared(policy), offload_dir=tmp_path / "alone").generate(PROMPTS, NEW, stop_at_eos=False)
+    assert alone.stats.shared_prefix_tokens == 0
+    engine = Engine(path, policy, offload_dir=tmp_path / "shared")
+    shared = engine.generate(PROMPTS, NEW, stop_at_eos=False)
+    blocks = batching.plan_blocks([len(p) for p in PROMPTS], policy.block_size)
+    assert shared.stats.shared_prefix_tokens == sum(len(PREFIX) * (len(b) - 1) for b in blocks)
+    for a, s in zip(alone.generations, shared.generations):
+        assert s.output_ids == a.output_ids
+        torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(a.logprobs), atol=1e-5, rtol=0)
+    engine.close()
+
+
+def test_a_sliding_window_shares_nothing_and_still_equals_hf(tiny_llama):
+    path, hf = tiny_llama("mistral-window")
+    result = Engine(path, Policy(gpu_batch_size=len(PROMPTS))).generate(PROMPTS, NEW, stop_at_eos=False)
+    assert result.stats.shared_prefix_tokens == 0
+    for p, g in zip(PROMPTS, result.generations):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                              pad_token_id=0)[0, len(p):]
+        assert g.output_ids == ref.tolist()
+
+
+def test_shared_prefix_and_its_padding():
+    assert batching.shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6]], least=2) == 3
+    assert batching.shared_prefix([[1, 2, 3], [1, 2, 3, 4]], least=1) == 2  # every row keeps a token of its own
+    assert batching.shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5]], least=4) == 0  # too short to pay
+    assert batching.shared_prefix([[1, 2, 3, 4]], least=1) == 0  # one row shares with nobody
+    ids, valid = batching.pad([[1, 2, 3, 4], [1, 2, 5, 6, 7]], 0, torch.device("cpu"), prefix=2)
+    assert ids.tolist() == [[1, 2, 0, 3, 4], [1, 2, 5, 6, 7]]
+    assert valid.tolist() == [[True, True, False, True, True], [True] * 5]
+    assert batching.positions(valid).tolist() == [[0, 1, -1, 2, 3], [0, 1, 2, 3, 4]]
