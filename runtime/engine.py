@@ -23,6 +23,7 @@ from runtime.device import PeakMemory, compute_dtype, resolve_device
 from runtime.disk import DiskIO
 from runtime.errors import InputError
 from runtime.families import get_family
+from runtime.kv_cache import PrefixSlot
 from runtime.layers import StepContext
 from runtime.offload import OffloadDir
 from runtime.policy import Policy, WeightFormat
@@ -252,12 +253,14 @@ class Engine:
         greedy = [False] * len(inputs)
         head = ScoringHead(self.layers[-1], self.spec.vocab_size, continuations, per_token, greedy)
         window = self.spec.sliding_window
+        cached = [i for i, layer in enumerate(self.layers) if layer.has_cache]
         with torch.inference_mode():
             for block in batching.plan_blocks([len(s) for s in inputs], self.policy.block_size):
                 timer.start()
                 seqs = [inputs[i] for i in block]
                 mbs = batching.split(block, self.policy.gpu_batch_size)
                 T = max(map(len, seqs))
+                shared = 0
                 if window is None or T <= window:
                     # right-padded: plain causal attention, no mask (`runtime.scoring`); pads come after a row's
                     # tokens, so no token sees them, and their positions run on past the row's end
@@ -265,14 +268,33 @@ class Engine:
                     pos = torch.arange(T, device=self.device).expand(len(block), T)
                     masks = [None] * len(mbs)
                     ends = [len(s) for s in seqs]
+                    # a shared prefix stops before the first scored column (a context's last token); it pays for
+                    # the rows' masked attention when it is half the block's width or more
+                    shared = min(batching.shared_prefix(seqs, SHARED_PREFIX_MIN),
+                                 min(len(contexts[i]) for i in block) - 1)
+                    shared = shared if 2 * shared >= T else 0
                 else:  # a sliding window needs its mask anyway
                     ids, valid = batching.pad(seqs, self.pad_id, self.device)
                     pos = batching.positions(valid)
                     masks = [batching.prefill_mask(valid[mb], window) for mb in mbs]
                     ends = [T] * len(seqs)
-                items = list(zip(block, ends))
-                ctxs = [replace(self._context(pos[mb], mask, 0), score=items[mb]) for mb, mask in zip(mbs, masks)]
-                self.runner.forward([ids[mb] for mb in mbs], ctxs, None, head=head)
+                xs, ctxs, caches = [], [], None
+                if shared:
+                    # the prefix once per micro-batch (its keys and values kept in a `PrefixSlot`), then the rows'
+                    # own tokens, each seeing all of it and its own tokens causally: (1, 1, T - shared, T)
+                    first = [slice(mb.start, mb.start + 1) for mb in mbs]
+                    xs = [ids[r, :shared] for r in first]
+                    ctxs = [replace(self._context(pos[r, :shared], None, 0), score=[]) for r in first]
+                    see = torch.ones(T - shared, T, dtype=torch.bool, device=self.device).tril(shared)[None, None]
+                    masks = [see] * len(mbs)
+                    caches = [{i: PrefixSlot() for i in cached} for _ in mbs] * 2
+                items = list(zip(block, [e - shared for e in ends]))
+                own = slice(shared, T)
+                xs += [ids[mb, own] for mb in mbs]
+                ctxs += [replace(self._context(pos[mb, own], mask, shared), score=items[mb])
+                         for mb, mask in zip(mbs, masks)]
+                self.runner.forward(xs, ctxs, caches, head=head)
+                timer.shared += shared * (len(block) - 1)
                 timer.stop("prefill")
         return per_token, greedy
 

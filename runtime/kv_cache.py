@@ -106,6 +106,37 @@ class DiskKVSlot:
         self.path.unlink(missing_ok=True)
 
 
+class PrefixSlot:
+    """A scoring block's shared prefix (scoring keeps no other cache): its keys and values once, (1, kvH, P, D),
+    taken by the prefix's own step (`cache_start` 0) and attended by every row's tokens before their own."""
+
+    tier = Tier.DEVICE
+
+    def __init__(self) -> None:
+        self.k = self.v = None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """The prefix: q (1, H, P, D), k/v (1, kvH, P, D). The rows: q (b, H, T, D), k/v (b, kvH, T, D), attending
+        to (b, kvH, P + T, D) under `ctx.attn_mask` (1, 1, T, P + T)."""
+        if ctx.cache_start == 0:
+            self.k, self.v = k, v
+            return attention(q, k, v, ctx)
+        b = q.shape[0]
+        keys = torch.cat([self.k.expand(b, -1, -1, -1), k], dim=2)
+        values = torch.cat([self.v.expand(b, -1, -1, -1), v], dim=2)
+        return attention(q, keys, values, ctx)
+
+    def prefetch(self, start: int) -> None:
+        pass
+
+    def close(self) -> None:
+        self.k = self.v = None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+
+
 class StagingRing:
     """Two host buffers per shape, used in turn; a buffer is reused only after its pending writes finish."""
 

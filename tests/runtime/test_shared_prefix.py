@@ -91,3 +91,33 @@ def test_shared_prefix_and_its_padding():
     assert ids.tolist() == [[1, 2, 0, 3, 4], [1, 2, 5, 6, 7]]
     assert valid.tolist() == [[True, True, False, True, True], [True] * 5]
     assert batching.positions(valid).tolist() == [[0, 1, -1, 2, 3], [0, 1, 2, 3, 4]]
+
+
+CONTINUATIONS = [[80, 81], [82], [83, 84, 85], [86], [87, 88], [89]]
+
+
+@pytest.mark.parametrize("model", ["opt", "llama-gqa"])
+def test_scoring_shares_a_prefix_and_equals_hf(tiny_opt, tiny_llama, model):
+    path, hf = tiny_opt() if model == "opt" else tiny_llama(model)
+    engine = Engine(path, Policy(gpu_batch_size=3, num_gpu_batches=2))
+    result = engine.score(PROMPTS, CONTINUATIONS)
+    assert result.stats.shared_prefix_tokens == len(PREFIX) * (len(PROMPTS) - 1)
+    alone = Engine(path, Policy(gpu_batch_size=1)).score(PROMPTS, CONTINUATIONS)
+    assert alone.stats.shared_prefix_tokens == 0
+    for c, x, s, a in zip(PROMPTS, CONTINUATIONS, result.scores, alone.scores):
+        with torch.no_grad():
+            lp = torch.log_softmax(hf(torch.tensor([c + x])).logits[0].float(), -1)  # (T, V)
+        want = [lp[len(c) - 1 + j, t].item() for j, t in enumerate(x)]
+        torch.testing.assert_close(torch.tensor(s.token_logprobs), torch.tensor(want), atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(s.token_logprobs), torch.tensor(a.token_logprobs), atol=1e-5, rtol=0)
+        assert s.is_greedy == a.is_greedy
+
+
+def test_scoring_shares_nothing_a_continuation_needs_or_a_short_prefix(tiny_opt):
+    path, _ = tiny_opt()
+    engine = Engine(path, Policy(gpu_batch_size=len(PROMPTS)))
+    # contexts of one token: the prefix would hold scored columns
+    assert engine.score([[5]] * 3, [PREFIX + [9], PREFIX + [8], PREFIX]).stats.shared_prefix_tokens == 0
+    # a prefix under half of the block's width would cost the rows' masked attention more than it saves
+    long = [PREFIX + [100 + k] * (3 * len(PREFIX)) for k in range(3)]
+    assert engine.score(long, [[5]] * 3).stats.shared_prefix_tokens == 0
