@@ -2,14 +2,15 @@
 
     python scripts/hf_reference.py results/smollm2-reference [--out hf_reference.json]
 
-For every finished run of the suite folder, HF transformers (fp32 compute on the run's checkpoint folder)
-answers the run's own HELM requests as the runtime should: an echo request gets the log-prob of every prompt
-token, a generation request its greedy tokens (up to `max_tokens`, stopping at EOS). The run's figures are then
-computed from HF's answers with the metrics' definitions and printed beside the harness's (`stats.json`), with
-the relative difference and how many requests agree token for token. A run with 4-bit weights is compared with
-HF computing on the 4-bit weights the runtime stores, in fp32 (`WeightCodec.values`: on the CPU the int4 kernel's
-form, whose group steps are bf16); the 4-bit KV cache has no HF counterpart, so cache variants compare with HF on the
-run's weights and their difference is the cache's effect.
+For every finished run of the suite folder, HF transformers (fp32 compute on the run's checkpoint folder) answers
+the run's own HELM requests as the runtime should: an echo request gets the log-prob of every prompt token, a
+generation request its greedy tokens (up to `max_tokens`, stopping at EOS). The run's figures are then computed from
+HF's answers with the metrics' definitions and printed beside the harness's (`stats.json`), with the relative
+difference and how many requests agree token for token. `--every N` compares every N-th LAMBADA passage or WikiText
+article (all of its windows), the harness's figure taken over the same instances. A run with 4-bit weights is
+compared with HF computing on the 4-bit weights the runtime stores, in fp32 (`WeightCodec.values`: on the CPU the
+int4 kernel's form, whose group steps are bf16); the 4-bit KV cache has no HF counterpart, so cache variants compare
+with HF on the run's weights and their difference is the cache's effect.
 
 Figures: LAMBADA greedy accuracy (`lambada_accuracy`), target log-likelihood and perplexity (`target_logprob`,
 `target_perplexity`), WikiText token and word perplexity and bits per byte (`perplexity`, `word_perplexity`,
@@ -128,8 +129,8 @@ _ANSWERS: dict[tuple, list[dict]] = {}
 
 def compare_run(run_dir: Path, batch: int = 16, every: int = 1) -> dict:
     """The run's figures from HF's answers beside the harness's, and the agreement of the answers; with `every`
-    > 1, LAMBADA is compared on every `every`-th passage (the harness's figure over the same passages, from its
-    per-instance stats)."""
+    > 1, LAMBADA on every `every`-th passage, WikiText on every `every`-th article (the harness's figure over the
+    same instances, from its per-instance stats)."""
     from harness.reports.paired import instance_terms, value_over
     from scenarios.lambada_metrics import covering_suffix
     from scenarios.wikitext_metrics import count_words
@@ -141,9 +142,10 @@ def compare_run(run_dir: Path, batch: int = 16, every: int = 1) -> dict:
                         variant["group_size"] if weights else None)
     state = json.loads((run_dir / "scenario_state.json").read_text())
     states = [s for s in state["request_states"] if s.get("result", {}).get("success")]
-    sampled = every > 1 and scenario.startswith("lambada")
-    if sampled:
-        states = states[::every]
+    sampled = every > 1 and scenario.startswith(("lambada", "wikitext"))
+    if sampled:  # every N-th passage (LAMBADA) or article (WikiText: all of its windows)
+        keep = set(list(dict.fromkeys(s["instance"]["id"] for s in states))[::every])
+        states = [s for s in states if s["instance"]["id"] in keep]
     started = time.perf_counter()
     hf_row: dict[str, float] = {}
     agree, max_diff, split_hits = 0, 0.0, None
@@ -201,7 +203,7 @@ def compare_run(run_dir: Path, batch: int = 16, every: int = 1) -> dict:
                 matches.append(float(text.strip() == _correct_letter(s)))
             hf_row["exact_match"] = sum(matches) / len(matches)
     rows = {}
-    ids = [s["instance"]["id"] for s in states]
+    ids = list(dict.fromkeys(s["instance"]["id"] for s in states))
     for name, theirs in hf_row.items():
         ours = _stat(run_dir, name)
         if sampled:  # the harness's figure over the same passages
@@ -240,7 +242,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, help="write the comparison as JSON (default: SUITE_DIR/hf_reference.json)")
     ap.add_argument("--runs", default="*", help="glob of run folder names (default: all finished runs)")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--every", type=int, default=1, help="compare LAMBADA on every N-th passage (default: all)")
+    ap.add_argument("--every", type=int, default=1,
+                    help="compare LAMBADA on every N-th passage, WikiText on every N-th article (default: all)")
     args = ap.parse_args(argv)
     out = args.out or args.suite_dir / "hf_reference.json"
     done = json.loads(out.read_text()) if out.is_file() else {}
