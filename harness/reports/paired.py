@@ -78,10 +78,11 @@ def instance_terms(run_dir: Path, metric: str) -> dict[tuple[str, int], tuple[fl
 
 
 def value_over(run_dir: Path, metric: str, instance_ids: list[str]) -> float:
-    """`metric` of the run over the instances `instance_ids` alone (the first entry of each): its figure on a
-    sample of its instances."""
-    terms = instance_terms(run_dir, metric)
-    num, den = (sum(terms[(i, 0)][k] for i in instance_ids) for k in (0, 1))
+    """`metric` of the run over the instances `instance_ids` alone (every entry of each: a WikiText article has one
+    per window): its figure on a sample of its instances."""
+    wanted = set(instance_ids)
+    picked = [t for (i, _), t in instance_terms(run_dir, metric).items() if i in wanted]
+    num, den = (sum(t[k] for t in picked) for k in (0, 1))
     return float(_finish(metric, num / den))
 
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from harness.reports.paired import compare, standard_error
+from harness.reports.paired import compare, standard_error, value_over
 
 
 def write_run(folder, stats_per_instance: list[dict[str, float]]):
@@ -49,3 +49,16 @@ def test_unpaired_instances_give_no_comparison(tmp_path):
     a = write_run(tmp_path / "a", [{"exact_match": 1.0}])
     b = write_run(tmp_path / "b", [{"exact_match": 0.0}])
     assert compare(a, b, "exact_match") is None and math.isnan(standard_error(a, "exact_match"))
+
+
+def test_a_sample_of_articles_counts_every_window_of_each(tmp_path):
+    # WikiText: an article's windows are entries of one instance id; a sample's perplexity sums all of them
+    windows = [("id0", -100.0, 50.0), ("id0", -300.0, 100.0), ("id1", -10.0, 10.0), ("id2", -60.0, 20.0)]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "per_instance_stats.json").write_text(json.dumps([
+        {"instance_id": i, "train_trial_index": 0, "stats": [
+            {"name": {"name": "logprob", "split": "test"}, "sum": lp, "count": 1},
+            {"name": {"name": "num_perplexity_tokens", "split": "test"}, "sum": n, "count": 1}]}
+        for i, lp, n in windows]))
+    assert value_over(run, "perplexity", ["id0", "id2"]) == pytest.approx(math.exp(460 / 170))
