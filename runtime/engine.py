@@ -2,7 +2,8 @@
 
 Every call sorts its prompts by length into blocks (`plan_blocks`), pads each block (generation on the left,
 scoring on the right: `runtime.scoring`), splits it into micro-batches and runs the block schedule
-(`run_layers`). Results come back in the caller's order.
+(`run_layers`); a prefix that every prompt of a block shares runs once per micro-batch, as a one-row step before
+the rows' own tokens (`SHARED_PREFIX_MIN`). Results come back in the caller's order.
 """
 
 from __future__ import annotations
