@@ -269,10 +269,10 @@ class Engine:
                     pos = torch.arange(T, device=self.device).expand(len(block), T)
                     masks = [None] * len(mbs)
                     ends = [len(s) for s in seqs]
-                    # a shared prefix stops before the first scored column (a context's last token); it pays for
-                    # the rows' masked attention when it is half the block's width or more
-                    shared = min(batching.shared_prefix(seqs, SHARED_PREFIX_MIN),
-                                 min(len(contexts[i]) for i in block) - 1)
+                    # a shared prefix stops before the first scored column (a context's last token: sharing within
+                    # the contexts leaves it out); it pays for the rows' masked attention when it is half the
+                    # block's width or more
+                    shared = batching.shared_prefix([inputs[i][:len(contexts[i])] for i in block], SHARED_PREFIX_MIN)
                     shared = shared if 2 * shared >= T else 0
                 else:  # a sliding window needs its mask anyway
                     ids, valid = batching.pad(seqs, self.pad_id, self.device)

@@ -311,8 +311,10 @@ class SuiteRunner:
 
 def runtime_summary(calls: list[dict], num_requests: int, num_instances: int) -> dict:
     """Totals over a run's engine calls (`harness.helm.backend.EngineCall.to_json`)."""
-    total = {k: sum(c.get(k, 0) for c in calls) for k in ("wall_s", "prefill_s", "decode_s", "prompt_tokens",
-                                                           "generated_tokens", "shared_prefix_tokens")}
+    total = {k: sum(c[k] for c in calls) for k in ("wall_s", "prefill_s", "decode_s", "prompt_tokens",
+                                                    "generated_tokens")}
+    # calls cached before the runtime counted shared prefixes have no such field
+    total["shared_prefix_tokens"] = sum(c.get("shared_prefix_tokens", 0) for c in calls)
     engine_s = total["prefill_s"] + total["decode_s"]
     peak: dict[str, int] = {}
     for c in calls:
