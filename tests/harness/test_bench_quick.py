@@ -20,9 +20,9 @@ SUMMARY = {
     "quality": r"quality w4\+c4: ppl [+-]\d+\.\d\d% lambada_acc [+-]\d+\.\d\d points",
     "W5": r"W5 overhead=\d\.\d\d\d",
     "kernels": r"kernels int8/fp32 m=1:\d+\.\d\d m=8:\d+\.\d\d int8/int4 m=1:\d+\.\d\d m=8:\d+\.\d\d",
-    # quick mode runs ours only (the peer needs a native llama.cpp build: the bench extra)
+    # quick mode runs ours only, on the shipped reference model (both peers run the SmolLM2 GGUF)
     "W6": r"W6 ours/llamacpp=n/a ours4/llamacpp=n/a ours8/llamacpp=n/a acc_ours=\d\.\d{4} acc_ours8=\d\.\d{4} "
-          r"acc_llamacpp=n/a",
+          r"acc_llamacpp=n/a ours/xllamacpp=n/a acc_xllamacpp=n/a",
 }
 
 
