@@ -47,7 +47,7 @@ def describe(plan, hw_note: str = "") -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    work = auto_policy.workload(args.prompt_len, args.gen_len, args.num_seqs)
+    work = auto_policy.workload(args.prompt_len, args.gen_len, args.num_seqs, args.shared_prefix)
     from runtime.policy import Policy
 
     plan = auto_policy.plan(args.model, work, Policy(), limits=limits(args), hardware=args.hardware,
@@ -83,6 +83,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--prompt-len", type=int, required=True)
     p.add_argument("--gen-len", type=int, required=True)
     p.add_argument("--num-seqs", type=int, help="number of prompts (default: as many as the best block holds)")
+    p.add_argument("--shared-prefix", type=int, default=0,
+                   help="tokens every prompt begins with (few-shot examples), computed once per micro-batch")
     p.add_argument("--compress", choices=auto_policy.COMPRESS_CHOICES, default="none",
                    help="compression the search may use: none (default, exact), weight, cache, both, any")
     p.add_argument("--bits", type=int, help="bits of --compress (default 4)")

@@ -28,13 +28,12 @@ def split(rows: Sequence[int], size: int) -> list[slice]:
     return [slice(i, min(i + size, len(rows))) for i in range(0, len(rows), size)]
 
 
-def shared_prefix(seqs: Sequence[Sequence[int]], least: int) -> int:
-    """Tokens every row starts with, leaving each row at least one of its own; 0 for one row or under `least`."""
+def shared_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Tokens every row starts with, leaving each row at least one of its own; 0 for one row."""
     if len(seqs) < 2:
         return 0
     # lists compare element-wise, so the common prefix of all is that of the smallest and the largest
-    n = min(len(os.path.commonprefix([list(s) for s in seqs])), min(map(len, seqs)) - 1)
-    return n if n >= least else 0
+    return min(len(os.path.commonprefix([list(s) for s in seqs])), min(map(len, seqs)) - 1)
 
 
 def pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device,

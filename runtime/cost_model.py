@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 
 from runtime.hardware import HardwareSpec
 from runtime.policy import CAST_BLOCK_BYTES, PREFETCH_DEPTH, ROW_CHUNK, Policy, WeightFormat, layout_of
-from runtime.shapes import attention_flops, kv_values_per_token, shapes, working_width
+from runtime.shapes import attention_flops, kv_values_per_token, prefix_computed_once, shapes, working_width
 from runtime.spec import ModelSpec
 from runtime.weight_costs import (
     DTYPE_BYTES,
@@ -90,6 +90,9 @@ class Workload:
     scoring: bool = False
     """The prompts are only scored (`Engine.score`, `score_rolling`): one prefill pass that keeps no KV cache
     and runs the head at every position; `gen_len` is then 1."""
+    shared_prefix: int = 0
+    """Tokens every prompt begins with (few-shot examples): the engine computes them once per micro-batch where
+    `runtime.shapes.prefix_computed_once` says so; times only (memory is planned for unshared blocks)."""
 
     def __post_init__(self) -> None:
         for name in ("prompt_len", "gen_len"):
@@ -99,6 +102,8 @@ class Workload:
             raise ValueError(f"num_seqs must be >= 1, got {self.num_seqs}")
         if self.scoring and self.gen_len != 1:
             raise ValueError(f"a scoring workload generates nothing: gen_len must be 1, got {self.gen_len}")
+        if not 0 <= self.shared_prefix < self.prompt_len:
+            raise ValueError(f"shared_prefix must lie in [0, prompt_len), got {self.shared_prefix}")
 
     def covers(self, need: Workload) -> bool:
         """Whether a policy planned for this workload also provisions `need` (prompts as long, as many new
@@ -231,7 +236,8 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
     int8 = policy.compute == "int8"
 
     def gemm(rows: int, per_row_flops: float, head_rows: int) -> float:
-        head = head_rows * nb * z.head_flops_per_row / hw.matmul_rate(head_kind(hw, model, policy), head_rows)
+        head = 0.0 if not head_rows else (
+            head_rows * nb * z.head_flops_per_row / hw.matmul_rate(head_kind(hw, model, policy), head_rows))
         if int8:
             return rows * nb * per_row_flops / hw.matmul_rate("int8", rows) + head
         if kernel and rows < policy.int4_dense_rows:
@@ -259,8 +265,12 @@ def terms(hw: HardwareSpec, model: ModelSpec, work: Workload, policy: Policy,
         off = hw.cpu_attention if (acc and policy.cpu_attention) else hw.attention_decode
         return Lin.of(cg=_per(flops, hw.attention_decode), cc=_per(flops, off), cd=_per(flops, off))
 
-    prefill_flops = gemm(g * s, z.flops_per_token, g * s if work.scoring else g)  # scoring: the head everywhere
-    attn_p = _per(attention_flops(model, B, s, s), hw.attention_prefill)
+    # a shared prefix: one (1, p) row per micro-batch, then the rows' own s - p tokens over all s keys
+    p = prefix_computed_once(work.shared_prefix, s, 0 if work.scoring else n, model.sliding_window, work.scoring)
+    own = g * (s - p)
+    prefill_flops = gemm(own, z.flops_per_token, own if work.scoring else g)  # scoring: the head everywhere
+    prefill_flops += gemm(p, z.flops_per_token, 0) if p else 0.0
+    attn_p = _per(attention_flops(model, B, s - p, s) + attention_flops(model, nb, p, p), hw.attention_prefill)
     quant_p = _per(cache_codec * B * s * kvv, hw.dequantize)
     compute_p = (Lin.of(prefill_flops + attn_p + quant_p) + convert) * cal.compute + calls
     dequant_g = _per(cache_codec * B * (s + n / 2) * kvv, hw.dequantize)

@@ -3,7 +3,7 @@
 Every call sorts its prompts by length into blocks (`plan_blocks`), pads each block (generation on the left,
 scoring on the right: `runtime.scoring`), splits it into micro-batches and runs the block schedule
 (`run_layers`); a prefix that every prompt of a block shares runs once per micro-batch, as a one-row step before
-the rows' own tokens (`SHARED_PREFIX_MIN`). Results come back in the caller's order.
+the rows' own tokens (`runtime.shapes.prefix_computed_once`). Results come back in the caller's order.
 """
 
 from __future__ import annotations
@@ -33,11 +33,8 @@ from runtime.rotary import Rotary
 from runtime.sampling import Sampler, StopChecker, validate_sampling
 from runtime.schedule import BlockRunner
 from runtime.scoring import ScoringHead
+from runtime.shapes import prefix_computed_once
 from runtime.weights import WeightStore
-
-SHARED_PREFIX_MIN = 16
-"""Fewest tokens a block's prompts must share before their keys and values are computed once for all rows (fewer
-saves less than the extra step costs)."""
 
 
 class Engine:
@@ -139,9 +136,8 @@ class Engine:
                    all_prefill_logits: bool = False) -> None:
         """Prefill one block, then decode; `choose(step, logits (b, T, V))` gives the next tokens or None to stop."""
         window = self.spec.sliding_window
-        # a shared prefix's pads sit mid-row, where a sliding window's column distances would be wrong
-        share = not all_prefill_logits and (window is None or max(map(len, seqs)) + max_new_tokens <= window)
-        shared = batching.shared_prefix(seqs, SHARED_PREFIX_MIN) if share else 0
+        shared = 0 if all_prefill_logits else prefix_computed_once(
+            batching.shared_prefix(seqs), max(map(len, seqs)), max_new_tokens, window, scoring=False)
         ids, valid = batching.pad(seqs, self.pad_id, self.device, prefix=shared)  # (n, T)
         n, T = ids.shape
         total = T + max_new_tokens
@@ -270,10 +266,9 @@ class Engine:
                     masks = [None] * len(mbs)
                     ends = [len(s) for s in seqs]
                     # a shared prefix stops before the first scored column (a context's last token: sharing within
-                    # the contexts leaves it out); it pays for the rows' masked attention when it is half the
-                    # block's width or more
-                    shared = batching.shared_prefix([inputs[i][:len(contexts[i])] for i in block], SHARED_PREFIX_MIN)
-                    shared = shared if 2 * shared >= T else 0
+                    # the contexts leaves it out)
+                    common = batching.shared_prefix([inputs[i][:len(contexts[i])] for i in block])
+                    shared = prefix_computed_once(common, T, 0, window, scoring=True)
                 else:  # a sliding window needs its mask anyway
                     ids, valid = batching.pad(seqs, self.pad_id, self.device)
                     pos = batching.positions(valid)

@@ -122,3 +122,19 @@ def working_width(spec: ModelSpec) -> int:
 def kv_values_per_token(spec: ModelSpec) -> int:
     """Key and value values one token adds to one layer's cache (KV heads only: GQA shares them)."""
     return 2 * spec.kv_size
+
+
+SHARED_PREFIX_MIN = 16
+"""Fewest tokens a block's prompts must share before their keys and values are computed once for all rows (fewer
+saves less than the extra step costs)."""
+
+
+def prefix_computed_once(common: int, width: int, new_tokens: int, window: int | None, scoring: bool) -> int:
+    """Of the `common` tokens every prompt of a block begins with (`runtime.batching.shared_prefix`), those the
+    engine computes once per micro-batch instead of once per row: none under `SHARED_PREFIX_MIN`; none where a
+    sliding window is shorter than the block (`width` prompt columns and `new_tokens`: the pads after the prefix would
+    move its column distances); when scoring, none under half the block's width (the rows' masked attention then
+    costs more than the prefix saves). The engine and the cost model both ask here."""
+    if common < SHARED_PREFIX_MIN or (window is not None and width + new_tokens > window):
+        return 0
+    return 0 if scoring and 2 * common < width else common

@@ -138,8 +138,8 @@ def run(w: Workload, out_dir: Path) -> str:
         rows.append(W6Row("A", e, c.setting, c.batch, 0, wall, sum(map(len, outs)), accuracy[e]))
         print(f"  A  {e:8s} {c.setting:60s} accuracy {accuracy[e]:.4f}  {len(contexts) / wall:.2f} passages/s",
               flush=True)
-    for p in answers.keys() & PEERS.keys():
-        for e in answers.keys() - PEERS.keys():
+    for p in (p for p in PEERS if p in answers):
+        for e in (e for e in OURS if e in answers):
             same = sum(a == b for a, b in zip(answers[e], answers[p]))
             print(f"  A  {e} and {p} agree on {same} of {len(contexts)} passages "
                   f"({sum(a and not b for a, b in zip(answers[e], answers[p]))} only {e} right, "

@@ -142,13 +142,13 @@ def model_spec(model_dir: str | os.PathLike):
     return spec_from_config(config)
 
 
-def workload(prompt_len: int, gen_len: int, num_seqs: int | None = None):
+def workload(prompt_len: int, gen_len: int, num_seqs: int | None = None, shared_prefix: int = 0):
     """A `runtime.cost_model.Workload` from a user's numbers; an `InputError` saying which is out of range."""
     from runtime.cost_model import Workload
     from runtime.errors import InputError
 
     try:
-        return Workload(prompt_len, gen_len, num_seqs)
+        return Workload(prompt_len, gen_len, num_seqs, shared_prefix=shared_prefix)
     except ValueError as e:
         raise InputError(str(e)) from None
 

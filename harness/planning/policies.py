@@ -113,20 +113,25 @@ def default_batch_size(variant) -> int:
 def run_workload(model_dir: str, requests: list) -> Workload | None:
     """The workload of HELM `requests` on the model in `model_dir`: its longest prompt in the model's tokens
     (with the special tokens the backend puts before it) and the most tokens any request generates, within
-    the model's positions (None without requests); a scoring workload when none of them generates. One batched
-    call into the fast tokenizer: a second or so for all of LAMBADA."""
+    the model's positions (None without requests); a scoring workload when none of them generates; the tokens all
+    prompts begin with (few-shot examples), which each block shares at least. One batched call into the fast
+    tokenizer: a second or so for all of LAMBADA."""
     if not requests:
         return None
     from harness.helm.backend import default_prefix
     from harness.planning import auto_policy
+    from runtime.batching import shared_prefix
     from runtime.checkpoint import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
-    longest = max(map(len, tokenizer([r.prompt for r in requests], add_special_tokens=False)["input_ids"]))
+    ids = tokenizer([r.prompt for r in requests], add_special_tokens=False)["input_ids"]
+    special = len(default_prefix(tokenizer))
     positions = auto_policy.model_spec(model_dir).max_positions
     gen = min(max(1, max(r.max_tokens for r in requests)), positions // 2)
     scoring = all(r.max_tokens == 0 for r in requests)  # the backend scores these: no KV cache is kept
-    return Workload(min(longest + len(default_prefix(tokenizer)), positions - gen), gen, scoring=scoring)
+    prompt_len = min(max(map(len, ids)) + special, positions - gen)
+    shared = min(special + shared_prefix(ids), prompt_len - 1) if len(ids) > 1 else 0
+    return Workload(prompt_len, gen, scoring=scoring, shared_prefix=shared)
 
 
 def resolve_policy(run, requests: list | None = None, ram_limit: int | None = None) -> ResolvedPolicy:
@@ -197,7 +202,7 @@ def _plan_at_block(model_path: str, fields: dict, memory: dict, workload: Worklo
     prediction = {"throughput": pred.throughput, "prefill_s": pred.prefill_s, "decode_s": pred.decode_s,
                   "memory": pred.memory, "bottleneck": pred.bottleneck, "binding": plan.binding,
                   "workload": {"prompt_len": prompt_len, "gen_len": gen, "num_seqs": base.block_size,
-                               "scoring": workload.scoring}}
+                               "scoring": workload.scoring, "shared_prefix": workload.shared_prefix}}
     return ResolvedPolicy(policy, "auto", "auto: planner", prediction, time.perf_counter() - started)
 
 

@@ -227,8 +227,12 @@ def test_auto_policy_plans_for_the_runs_own_requests(tmp_path, tiny_opt, monkeyp
     assert run_workload(str(folder), requests) == Workload(longest, 5) and run_workload(str(folder), []) is None
     scored = [SimpleNamespace(prompt=p, max_tokens=0) for p in prompts]  # HELM's echo requests: the backend scores
     assert run_workload(str(folder), scored) == Workload(longest, 1, scoring=True)
+    shots = "Q: what is two and two? A: four.\n"  # a few-shot example every prompt begins with
+    few_shot = [SimpleNamespace(prompt=shots + p, max_tokens=2) for p in prompts]
+    assert run_workload(str(folder), few_shot).shared_prefix == len(load_tokenizer(folder)(shots)["input_ids"]) > 16
     short, full = resolve_policy(run, requests), resolve_policy(run)
-    assert short.prediction["workload"] == {"prompt_len": longest, "gen_len": 5, "num_seqs": 4, "scoring": False}
+    assert short.prediction["workload"] == {"prompt_len": longest, "gen_len": 5, "num_seqs": 4, "scoring": False,
+                                            "shared_prefix": 0}
     assert full.prediction["workload"]["prompt_len"] + full.prediction["workload"]["gen_len"] == \
         model.config.max_position_embeddings
     assert full.policy.weights.disk > short.policy.weights.disk  # the short requests' cache leaves more RAM

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -166,6 +167,28 @@ def test_a_scoring_workload_keeps_no_cache_and_runs_the_head_at_every_position()
     long_gen, long_score = Workload(2000, 8), Workload(4000, 1, scoring=True)
     assert long_gen.covers(Workload(100, 1, scoring=True)) and not long_score.covers(Workload(100, 1))
     assert not long_gen.covers(long_score) and long_score.covers(Workload(4000, 1, scoring=True))
+
+
+def test_a_shared_prefix_is_computed_once_per_micro_batch_where_the_engine_shares_it():
+    """Few-shot prompts (HELM's MMLU: 5 examples before each question): the prefix's matmuls run once per
+    micro-batch, the rows' own tokens once per row; decode and memory do not change. Under the engine's threshold,
+    or for scoring under half the width, nothing is shared (`runtime.shapes.prefix_computed_once`)."""
+    hw, model = cpu_hardware(device_mem=1000 * GiB), opt("1.3b")
+    policy = Policy(gpu_batch_size=8, num_gpu_batches=2)
+    plain = predict(hw, model, Workload(600, 4, 16), policy)
+    shared = predict(hw, model, Workload(600, 4, 16, shared_prefix=500), policy)
+    rows = 2 * (8 * 100 / hw.matmul_rate("float32", 800) + 500 / hw.matmul_rate("float32", 500))  # FLOPs per token
+    assert shared.prefill_s / plain.prefill_s == pytest.approx(rows / (16 * 600 / hw.matmul_rate("float32", 4800)),
+                                                                rel=0.05)
+    assert shared.decode_s == plain.decode_s and shared.memory == plain.memory
+    assert predict(hw, model, Workload(600, 4, 16, shared_prefix=15), policy).prefill_s == plain.prefill_s
+    score = Workload(600, 1, 16, scoring=True)
+    assert predict(hw, model, replace(score, shared_prefix=299), policy).prefill_s == \
+        predict(hw, model, score, policy).prefill_s
+    assert predict(hw, model, replace(score, shared_prefix=300), policy).prefill_s < \
+        predict(hw, model, score, policy).prefill_s
+    with pytest.raises(ValueError, match="shared_prefix"):
+        Workload(600, 4, shared_prefix=600)
 
 
 def test_int4_steps_switch_to_the_dense_gemm_where_the_profile_says_it_wins():

@@ -17,10 +17,10 @@ import torch
 from runtime import Engine, Policy, batching
 from runtime.compressed import KVCodec
 from runtime.disk import DiskIO
-from runtime.engine import SHARED_PREFIX_MIN
 from runtime.kv_cache import DiskKVSlot, KVSlot, StagingRing
 from runtime.layers import StepContext
 from runtime.policy import Placement, QuantConfig
+from runtime.shapes import SHARED_PREFIX_MIN, prefix_computed_once
 from tests.runtime.test_llama import _reset_rotary
 
 PREFIX = [7 + (i * 13) % 250 for i in range(SHARED_PREFIX_MIN + 4)]
@@ -91,10 +91,16 @@ def test_a_sliding_window_shares_nothing_and_still_equals_hf(tiny_llama):
 
 
 def test_shared_prefix_and_its_padding():
-    assert batching.shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6]], least=2) == 3
-    assert batching.shared_prefix([[1, 2, 3], [1, 2, 3, 4]], least=1) == 2  # every row keeps a token of its own
-    assert batching.shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5]], least=4) == 0  # too short to pay
-    assert batching.shared_prefix([[1, 2, 3, 4]], least=1) == 0  # one row shares with nobody
+    assert batching.shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
+    assert batching.shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # every row keeps a token of its own
+    assert batching.shared_prefix([[1, 2, 3, 4]]) == 0  # one row shares with nobody
+    m = SHARED_PREFIX_MIN
+    assert prefix_computed_once(m - 1, 100, 8, None, scoring=False) == 0  # too short to pay
+    assert prefix_computed_once(m, 100, 8, None, scoring=False) == m
+    assert prefix_computed_once(m, 100, 8, 107, scoring=False) == 0  # the window would see the pads' columns
+    assert prefix_computed_once(m, 100, 8, 108, scoring=False) == m
+    assert prefix_computed_once(49, 100, 0, None, scoring=True) == 0  # scoring: half the block's width or more
+    assert prefix_computed_once(50, 100, 0, None, scoring=True) == 50
     ids, valid = batching.pad([[1, 2, 3, 4], [1, 2, 5, 6, 7]], 0, torch.device("cpu"), prefix=2)
     assert ids.tolist() == [[1, 2, 0, 3, 4], [1, 2, 5, 6, 7]]
     assert valid.tolist() == [[True, True, False, True, True], [True] * 5]
