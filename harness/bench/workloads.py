@@ -86,10 +86,11 @@ _ALL = (
     Workload("kernels", "CPU matmul paths: one decoder layer of SmolLM2-135M, TinyLlama-1.1B and opt-1.3b at m = 1, "
              "8, 16, 64, 256 rows, fp32 against the int4 kernel and int8 compute; int8/fp32 and int8/int4",
              "smollm2-135m", 0, 0, 0, repeats=1, module="kernels"),
-    # The peer runs the GGUF itself (harness/bench/llamacpp_peer.py); quick mode runs ours only, on the shipped
-    # reference model.
-    Workload("W6", "llama.cpp, the CPU peer, on the same GGUF (SmolLM2-135M-Instruct Q4_1): 64 prompts of 256 "
-             "tokens, 64 generated, swept over batch / parallel sequences; LAMBADA greedy accuracy of both; "
+    # The peers run the GGUF themselves (harness/bench/llamacpp_peer.py, llamacpp_server_peer.py); quick mode runs
+    # ours only, on the shipped reference model.
+    Workload("W6", "llama.cpp, the CPU peer (compiled for this CPU, and its prebuilt wheel), on the same GGUF "
+             "(SmolLM2-135M-Instruct Q4_1): 64 prompts of 256 tokens, 64 generated, swept over batch / parallel "
+             "sequences; LAMBADA greedy accuracy of each; "
              "ours/llamacpp throughput", "smollm2-135m", 64, 256, 64, repeats=2, module="w6"),
 )
 BY_NAME = {w.name: w for w in _ALL}
