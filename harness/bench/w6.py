@@ -28,6 +28,7 @@ model, a few prompts, no peer (n/a).
 
 from __future__ import annotations
 
+import importlib
 import random
 import statistics
 import time
@@ -45,8 +46,26 @@ OUR_BATCHES = (4, 16, 64)
 OURS = {"ours": ("fp16 import", {}), "ours4": ("4-bit weights, groups of 32", {"compress_weight": {"bits": 4,
         "group_size": 32}}), "ours8": ("int8 compute", {"compute": "int8"})}
 """Our engines: a label and the Policy fields."""
-PEERS = {"llamacpp": "llama.cpp built for this CPU", "xllamacpp": "llama.cpp's prebuilt wheel"}
-"""llama.cpp's builds: `harness.bench.llamacpp_peer` (native) and `harness.bench.llamacpp_server_peer` (prebuilt)."""
+
+
+@dataclass(frozen=True)
+class _PeerKind:
+    """One llama.cpp build and its adapter module (`version()`, `system_info()`, and the class named `peer`)."""
+
+    label: str
+    module: str
+    peer: str
+    install: str
+    """How to get it where it is missing."""
+
+
+PEERS = {
+    "llamacpp": _PeerKind("llama.cpp built for this CPU", "harness.bench.llamacpp_peer", "LlamaCppPeer",
+                          "`python3 -m nox -s bench -- W6` builds llama-cpp-python for this CPU "
+                          "(CMAKE_ARGS=-DGGML_NATIVE=ON) and caches the wheel"),
+    "xllamacpp": _PeerKind("llama.cpp's prebuilt wheel", "harness.bench.llamacpp_server_peer", "ServerPeer",
+                           "`pip install xllamacpp` (in the bench extra)"),
+}
 LAMBADA_PASSAGES = 1000
 LAMBADA_TOKENS = 12  # scenarios.run_specs.LAMBADA_MAX_TOKENS
 
@@ -203,10 +222,7 @@ def _ours_generate(state, folder: str, fields: dict, batch: int, prompts, max_ne
 
 
 def _peer_generate(state, kind: str, gguf: str, settings, prompts, max_new: int, eos: list[int]):
-    from harness.bench.llamacpp_peer import LlamaCppPeer
-    from harness.bench.llamacpp_server_peer import ServerPeer
-
-    peer_class = LlamaCppPeer if kind == "llamacpp" else ServerPeer
+    peer_class = getattr(importlib.import_module(PEERS[kind].module), PEERS[kind].peer)
     with peer_class(gguf, settings, max(map(len, prompts)) + max_new) as peer:
         peer.generate(prompts[:2], 2)  # warm-up
         started = time.perf_counter()
@@ -216,22 +232,18 @@ def _peer_generate(state, kind: str, gguf: str, settings, prompts, max_new: int,
 
 def _peers_available(gguf: Path | None) -> list[str]:
     """The `PEERS` installed here, each printed with its version and build flags (or why it is left out)."""
-    from harness.bench import llamacpp_peer, llamacpp_server_peer
-
-    missing = {"llamacpp": "not installed: `python3 -m nox -s bench -- W6` builds llama-cpp-python for this CPU "
-                           "(CMAKE_ARGS=-DGGML_NATIVE=ON) and caches the wheel",
-               "xllamacpp": "not installed: `pip install xllamacpp` (in the bench extra)"}
     found = []
-    for name, module in (("llamacpp", llamacpp_peer), ("xllamacpp", llamacpp_server_peer)):
+    for name, kind in PEERS.items():
         if gguf is None:
             note = "n/a (quick mode runs ours only)"
         else:
+            module = importlib.import_module(kind.module)
             try:
                 note = f"{module.version()}; {module.system_info()}"
                 found.append(name)
             except ImportError:
-                note = missing[name]
-        print(f"  {name} ({PEERS[name]}): {note}", flush=True)
+                note = f"not installed: {kind.install}"
+        print(f"  {name} ({kind.label}): {note}", flush=True)
     return found
 
 
@@ -306,7 +318,7 @@ def _plot(rows: list[W6Row], path: Path, title: str) -> None:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4))
     names = {"ours": "ours, fp16 import (fp32 compute)", "ours4": "ours, 4-bit weights", "ours8": "ours, int8 compute",
-             **PEERS}
+             **{name: kind.label for name, kind in PEERS.items()}}
     for engine, label in names.items():
         best: dict[int, float] = {}  # the best setting at each batch (llama.cpp: of its physical batches)
         for r in rows:
